@@ -1,0 +1,1 @@
+"""Raw data formats, readers, the synthetic generator and packed shards."""

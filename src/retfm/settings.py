@@ -1,0 +1,263 @@
+"""Typed, frozen settings read once from ``params.yaml``.
+
+DVC tracks the same keys as stage params, so what a stage reads is what DVC hashes. Every model
+forbids unknown keys: a typo such as ``cohort.szie`` fails at load time with the key's path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySettings(_Frozen):
+    name: str
+    seed: int = 0
+    sites: list[str] = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1)
+
+
+class PathSettings(_Frozen):
+    data: Path = Path("data")
+    outputs: Path = Path("outputs")
+
+
+class EffectSettings(_Frozen):
+    site_style: float = Field(1.0, ge=0.0)
+    age_visibility: float = 0.0
+    sex: float = 0.0
+    ethnicity: float = 0.0
+
+
+class SyntheticTask(_Frozen):
+    source_site: str
+    images: PositiveInt
+    classes: Annotated[int, Field(ge=2)] = 2
+
+
+class SyntheticSettings(_Frozen):
+    seed: int = 0
+    image_size: PositiveInt = 80
+    site_images: PositiveInt = 2400
+    images_per_patient: tuple[PositiveInt, PositiveInt] = (1, 4)
+    sites: dict[str, Literal["specialist", "community", "public"]]
+    tasks: dict[str, SyntheticTask]
+    split_fractions: tuple[Fraction, Fraction, Fraction] = (0.6, 0.2, 0.2)
+    effects: EffectSettings = EffectSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticSettings:
+        lo, hi = self.images_per_patient
+        if lo > hi:
+            raise ValueError(f"images_per_patient: {lo} > {hi}")
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must sum to 1, got {self.split_fractions}")
+        for name, task in self.tasks.items():
+            if task.source_site not in self.sites:
+                raise ValueError(f"tasks.{name}.source_site {task.source_site!r} is not in sites")
+        return self
+
+
+class CohortSettings(_Frozen):
+    size: PositiveInt
+    strategy: Literal["random", "stratified", "matched"] = "random"
+    balance_on: list[str] = Field(default_factory=lambda: ["age_band", "sex"])
+    per_patient_cap: Annotated[int, Field(ge=0)] = 0
+    allow_smaller: bool = False
+
+
+class ValidationSettings(_Frozen):
+    age_min: float = 0
+    age_max: float = 120
+    min_image_side: PositiveInt = 32
+    check_images: bool = True
+    workers: PositiveInt = 2
+    max_report_rows: PositiveInt = 5
+    distribution_tolerance: Fraction = 0.05
+
+
+class PackSettings(_Frozen):
+    image_size: PositiveInt = 64
+    shard_size: PositiveInt = 4096
+
+
+class ModelPreset(_Frozen):
+    img_size: PositiveInt
+    patch_size: PositiveInt
+    embed_dim: PositiveInt
+    depth: PositiveInt
+    num_heads: PositiveInt
+    decoder_embed_dim: PositiveInt
+    decoder_depth: PositiveInt
+    decoder_num_heads: PositiveInt
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelPreset:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch {self.patch_size}")
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError("embedding dims must be divisible by their head counts")
+        return self
+
+
+class ModelSettings(_Frozen):
+    preset: str
+    presets: dict[str, ModelPreset]
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSettings:
+        if self.preset not in self.presets:
+            raise ValueError(f"model.preset {self.preset!r} is not one of {sorted(self.presets)}")
+        return self
+
+    @property
+    def arch(self) -> ModelPreset:
+        return self.presets[self.preset]
+
+
+class PretrainSettings(_Frozen):
+    recipe: str = "mae-retfound-v1"
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    accum_steps: PositiveInt = 1
+    base_lr: float = Field(1.5e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    norm_pix_loss: bool = True
+    num_threads: PositiveInt = 2
+    amp: bool = False
+    checkpoint_every_steps: PositiveInt = 50
+    init_from: str = ""
+
+
+class AdaptSettings(_Frozen):
+    method: Literal["linear_probe", "finetune"] = "linear_probe"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    base_lr: float = Field(5e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: Annotated[int, Field(ge=0)] = 3
+    layer_decay: float = Field(0.65, gt=0, le=1)
+    drop_path: Fraction = 0.2
+    label_smoothing: Fraction = 0.1
+    min_lr: float = Field(1e-6, ge=0)
+
+
+class EvaluationSettings(_Frozen):
+    factors: list[Literal["age", "sex", "ethnicity"]] = Field(
+        default_factory=lambda: ["age", "sex", "ethnicity"]
+    )
+    age_bins: dict[str, list[float]] = Field(
+        default_factory=lambda: {"age": [60.0], "age_fine": [40.0, 60.0, 80.0]}
+    )
+    min_group_size: PositiveInt = 10
+    n_boot: Annotated[int, Field(ge=0)] = 200
+    ci: float = Field(0.95, gt=0, lt=1)
+
+
+class CompareSettings(_Frozen):
+    alpha: float = Field(0.05, gt=0, lt=1)
+    require_identical_recipe: bool = True
+
+
+class PromotionSettings(_Frozen):
+    metric: str = "auroc"
+    floor: float = 0.6
+    max_drop_vs_champion: float = Field(0.02, ge=0)
+    min_worst_group: float = 0.5
+    max_gap: float = Field(0.25, ge=0)
+    min_group_size: PositiveInt = 10
+
+
+class TrackingSettings(_Frozen):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: str = "mlruns/artifacts"
+
+
+class Settings(_Frozen):
+    profile: str = "demo"
+    study: StudySettings
+    paths: PathSettings = PathSettings()
+    synthetic: SyntheticSettings
+    cohort: CohortSettings
+    validation: ValidationSettings = ValidationSettings()
+    pack: PackSettings = PackSettings()
+    model: ModelSettings
+    pretrain: PretrainSettings = PretrainSettings()
+    adapt: AdaptSettings = AdaptSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    compare: CompareSettings = CompareSettings()
+    promotion: PromotionSettings = PromotionSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.pack.image_size != self.model.arch.img_size:
+            raise ValueError(
+                f"pack.image_size ({self.pack.image_size}) must equal the model preset's img_size "
+                f"({self.model.arch.img_size}, preset {self.model.preset!r})"
+            )
+        if len(set(self.study.sites)) != len(self.study.sites):
+            raise ValueError(f"study.sites has duplicates: {self.study.sites}")
+        return self
+
+    def digest(self, *sections: str) -> str:
+        """A stable hash of the named sections (all when none), for lineage tags."""
+        data = self.model_dump(mode="json")
+        picked = {k: data[k] for k in sections} if sections else data
+        blob = json.dumps(picked, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class SettingsError(ValueError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo?)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_settings(raw: dict[str, Any], source: Path = Path("params.yaml")) -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as err:
+        raise SettingsError(_format_errors(source, err)) from None
+
+
+def load_settings(path: str | Path = "params.yaml") -> Settings:
+    """Read and validate ``params.yaml`` (once per process; stages call this at start-up)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"{path}: no such settings file (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping at the top level")
+    return parse_settings(raw, path)
