@@ -1,0 +1,1 @@
+"""Encoders (timm ViT), the MAE wrapper, checkpoint import and ONNX export."""
