@@ -106,7 +106,9 @@ class ModelPreset(_Frozen):
     @model_validator(mode="after")
     def _check(self) -> ModelPreset:
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch {self.patch_size}")
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError("embedding dims must be divisible by their head counts")
         return self
@@ -143,6 +145,7 @@ class PretrainSettings(_Frozen):
     amp: bool = False
     checkpoint_every_steps: PositiveInt = 50
     init_from: str = ""
+    normalisation: Literal["imagenet", "cohort"] = "imagenet"
 
 
 class AdaptSettings(_Frozen):

@@ -1,0 +1,47 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.retfm-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test test-quick data repro lint bench clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## the whole study on the built-in synthetic two-site data, then the summary table
+demo: $(STAMP)
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory data && \
+	dvc repro && \
+	retfm summary && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s (after install)"
+
+## (re)generate data/ from params.yaml's synthetic section when it is missing or stale
+data: $(STAMP)
+	retfm synth --if-needed
+	dvc add --quiet data
+
+repro: $(STAMP)
+	dvc repro
+
+## every test (unit + end-to-end on the tiny profile + real services on loopback)
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-quick: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e and not services"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src pipelines tests benchmarks
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean-outputs:
+	rm -rf outputs mlruns

@@ -1,0 +1,63 @@
+"""Stage cohort@<site>: sample the site's pre-training cohort, check it, write its data card.
+
+Equal size for every site, whole patients, seeded; no patient of a held-out task set of this
+site is ever sampled. The cohort suite (Great Expectations) re-checks that and the cohort's
+age/sex mix before anything is packed or trained.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import typer
+
+from retfm import tracking
+from retfm.cohorts.cards import build_card, write_card
+from retfm.cohorts.sampling import sample_cohort
+from retfm.settings import load_settings
+from retfm.stage import stage
+from retfm.validation.runner import validate_cohort
+
+
+@stage("cohort")
+def main(site: str) -> None:
+    settings = load_settings()
+    outputs = settings.paths.outputs
+    validated = outputs / "validation"
+    pools = {s: pd.read_parquet(validated / "sites" / f"{s}.parquet") for s in settings.study.sites}
+    if site not in pools:
+        raise ValueError(f"site {site!r} is not in study.sites {settings.study.sites}")
+    heldout: set[str] = set()
+    for task in settings.study.tasks:
+        meta = pd.read_parquet(validated / "tasks" / f"{task}.parquet")
+        heldout |= set(meta.loc[meta["source_site"] == site, "patient_id"].astype(str))
+
+    cfg = settings.cohort
+    result = sample_cohort(
+        pools[site], site=site, size=cfg.size, strategy=cfg.strategy, balance_on=cfg.balance_on,
+        per_patient_cap=cfg.per_patient_cap, allow_smaller=cfg.allow_smaller,
+        exclude_patients=heldout, seed=settings.study.seed,
+        age_edges=settings.evaluation.age_bins.get("age", [60.0]), pools=pools,
+    )
+    out = outputs / "cohorts" / site
+    validate_cohort(result.cohort, pools[site], heldout, settings, out / "validation")
+    result.cohort.to_parquet(out / "cohort.parquet", index=False)
+    card = build_card(
+        result.cohort, site=site, report=result.report,
+        data_hash=tracking.dvc_hash(settings.paths.data.with_suffix(".dvc")),
+        settings_snapshot=settings.cohort.model_dump(mode="json"),
+        image_root=settings.paths.data / "sites" / site,
+    )
+    files = write_card(card, out / "card")
+    with tracking.run(settings, "data", name=f"cohort-{site}",
+                      tags={"stage": "cohort", "fm.site": site}):
+        mlflow.log_params({"size": cfg.size, "strategy": cfg.strategy, "seed": settings.study.seed})
+        mlflow.log_metrics({"cohort.images": len(result.cohort),
+                            "cohort.patients": result.cohort["patient_id"].nunique()})
+        mlflow.log_artifacts(str(out / "card"), "data_card")
+    print(f"cohort {site}: {len(result.cohort)} images, "
+          f"{result.cohort['patient_id'].nunique()} patients -> {files.get('card.md', out)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,35 @@
+"""Stages pack_cohort@<site> and pack_task@<task>: decode and resize every image once into
+memory-mapped uint8 shards, so that no epoch decodes a PNG again."""
+
+from __future__ import annotations
+
+import pandas as pd
+import typer
+
+from retfm.data.shards import pack_images
+from retfm.settings import load_settings
+from retfm.stage import stage
+
+
+@stage("pack")
+def main(kind: str, name: str) -> None:
+    if kind not in ("cohort", "task"):
+        raise ValueError(f"kind must be 'cohort' or 'task', got {kind!r}")
+    settings = load_settings()
+    outputs, data = settings.paths.outputs, settings.paths.data
+    if kind == "cohort":
+        meta = pd.read_parquet(outputs / "cohorts" / name / "cohort.parquet")
+        root = data / "sites" / name
+    else:
+        meta = pd.read_parquet(outputs / "validation" / "tasks" / f"{name}.parquet")
+        root = data / "tasks" / name
+    packed = pack_images(
+        meta, root, outputs / "packed" / f"{kind}s" / name,
+        image_size=settings.pack.image_size, shard_size=settings.pack.shard_size,
+        workers=settings.validation.workers,
+    )
+    print(f"packed {kind} {name}: {len(packed)} images at {settings.pack.image_size}px")
+
+
+if __name__ == "__main__":
+    typer.run(main)

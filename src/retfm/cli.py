@@ -1,0 +1,207 @@
+"""The ``retfm`` command: data set-up, profiles, registry operations, inference.
+
+Pipeline stages are not here: ``dvc repro`` runs them (``pipelines/``), so that DVC decides
+what is stale. These commands are what a researcher runs around the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retfm.settings import load_settings
+from retfm.stage import setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="settings file")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+SYNTH_STAMP = Path(".dvc/tmp/retfm-synth.json")
+
+
+@app.command()
+def synth(
+    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[Path | None, typer.Option(help="target folder (default paths.data)")] = None,
+    workers: int = 2,
+    if_needed: Annotated[bool, typer.Option(
+        "--if-needed", help="skip when data/ was generated from the same settings; never "
+        "overwrite a data/ that retfm synth did not write")] = False,
+    force: Annotated[bool, typer.Option(help="replace a data/ not written by retfm synth")] = False,
+) -> None:
+    """Write the built-in SIMULATED two-site data set (not patient data) into data/."""
+    from retfm.data.synthetic import generate_dataset
+
+    setup_logging()
+    settings = load_settings(params)
+    target = out or settings.paths.data
+    wanted = {"synthetic": settings.digest("synthetic"), "sites": list(settings.study.sites),
+              "target": str(target)}
+    stamp = json.loads(SYNTH_STAMP.read_text()) if SYNTH_STAMP.is_file() else None
+    if target.exists() and stamp is None and not force:
+        if if_needed:
+            typer.echo(f"{target}/ holds data not written by `retfm synth`: left as it is")
+            return
+        _fail(f"{target}/ holds data not written by `retfm synth`; --force replaces it")
+    if if_needed and target.exists() and stamp == wanted:
+        typer.echo(f"{target}/ is up to date with params.yaml's synthetic section")
+        return
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    counts = generate_dataset(settings.synthetic, list(settings.study.sites), target,
+                              workers=workers)
+    SYNTH_STAMP.parent.mkdir(parents=True, exist_ok=True)
+    SYNTH_STAMP.write_text(json.dumps(wanted))
+    typer.echo(f"SIMULATED data (not patient data) written to {target}/: {json.dumps(counts)}")
+
+
+@app.command()
+def profile(
+    name: str, params: ParamsOpt = Path("params.yaml"),
+    profiles: Annotated[Path, typer.Option(help="folder of profile overlays")] = Path("profiles"),
+) -> None:
+    """Overlay profiles/NAME.yaml onto params.yaml (comments kept), then validate it."""
+    from retfm.profiles import apply_profile
+
+    try:
+        apply_profile(params, profiles / f"{name}.yaml")
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"{params}: profile {name} applied")
+
+
+@app.command("import-folder")
+def import_folder(
+    src: Path, dst: Path,
+    source_site: Annotated[str, typer.Option(help="site the images come from")],
+    metadata: Annotated[Path | None, typer.Option(help="CSV of per-image age, sex, ...")] = None,
+) -> None:
+    """Import <set>/{train,val,test}/<class>/<image> into a task folder (data/tasks/<task>)."""
+    from retfm.data.importer import import_folder_layout
+
+    try:
+        table = import_folder_layout(src, dst, source_site=source_site, metadata_csv=metadata)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(f"imported {len(table)} images into {dst}/metadata.csv")
+
+
+@app.command("import-checkpoint")
+def import_checkpoint_cmd(
+    path: Path,
+    kind: Annotated[str, typer.Option(help="mae (RETFound MAE) or dinov2")],
+    out: Annotated[Path, typer.Option(help="where to write the encoder (safetensors)")],
+) -> None:
+    """Import a released RETFound checkpoint (no pickled code is run) as a retfm encoder."""
+    from retfm.models.checkpoints import import_checkpoint
+    from retfm.models.encoder import save_encoder
+
+    if kind not in ("mae", "dinov2"):
+        _fail(f"--kind must be mae or dinov2, got {kind!r}")
+    try:
+        encoder, prep, arch = import_checkpoint(path, kind)  # type: ignore[arg-type]
+    except ValueError as err:
+        _fail(str(err))
+    save_encoder(out, encoder, arch, prep, {"imported_from": path.name, "kind": kind})
+    typer.echo(f"{path} -> {out} ({kind}, img {prep.img_size})")
+
+
+def _registry(params: Path):  # noqa: ANN202 - (settings, client) pair
+    from retfm import tracking
+
+    settings = load_settings(params)
+    return settings, tracking.configure(settings)
+
+
+@app.command()
+def promote(
+    model: str,
+    version: Annotated[str | None, typer.Option(help="version (default: @candidate)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Move @champion to a version only if every gate in params.yaml's promotion passes."""
+    from retfm import tracking
+    from retfm.registry.promotion import promote as do_promote
+
+    setup_logging()
+    settings, client = _registry(params)
+    decision = do_promote(client, model, version, settings.promotion,
+                          _judged_factors(settings), tracking.experiment_id(settings, "promotion"))
+    typer.echo(decision.report())
+    if not decision.promoted:
+        raise typer.Exit(1)
+
+
+def _judged_factors(settings) -> list[str]:  # noqa: ANN001
+    factors = [f for f in settings.evaluation.factors if f != "age"]
+    ages = list(settings.evaluation.age_bins) if "age" in settings.evaluation.factors else []
+    return ages + factors
+
+
+@app.command()
+def rollback(model: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Move @champion back to the previous champion."""
+    from retfm import tracking
+    from retfm.registry.promotion import rollback as do_rollback
+
+    settings, client = _registry(params)
+    try:
+        decision = do_rollback(client, model, tracking.experiment_id(settings, "promotion"))
+    except RuntimeError as err:
+        _fail(str(err))
+    typer.echo(decision.report())
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="images, folders, or a CSV with 'path'")],
+    model: Annotated[str, typer.Option(help="e.g. models:/fm-hospital@champion")],
+    out: Annotated[Path, typer.Option(help="output .csv or .parquet")] = Path("predictions.csv"),
+    batch_size: int = 64,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Batch inference with ONNX Runtime on a registered model, one output row per image."""
+    from retfm.registry.inference import predict_files
+
+    _registry(params)
+    table = predict_files(model, inputs, batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        table.to_parquet(out, index=False)
+    else:
+        table.to_csv(out, index=False)
+    bad = table[table["status"] != "ok"]
+    for _, row in bad.iterrows():
+        typer.secho(f"skipped {row['path']}: {row['status']}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"{len(table) - len(bad)} images predicted, {len(bad)} skipped -> {out}")
+
+
+@app.command()
+def summary(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Print the study summary table (after `dvc repro`) and how to open the MLflow UI."""
+    from retfm.reporting.summary import print_summary
+
+    settings = load_settings(params)
+    path = settings.paths.outputs / "study" / "summary.json"
+    if not path.is_file():
+        _fail(f"{path} not found: run `dvc repro` first")
+    print_summary(json.loads(path.read_text()), sys.stdout)
+    typer.echo("\nBrowse every run, model and artifact with:\n"
+               f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking.uri} "
+               "--port 5000\n  then open http://127.0.0.1:5000")
+
+
+if __name__ == "__main__":
+    app()

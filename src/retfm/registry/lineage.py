@@ -1,0 +1,86 @@
+"""What a registered version must say about where it came from, and the model card."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from importlib import metadata
+from pathlib import Path
+
+#: Tags a version needs before it may be promoted (promotion gate "lineage complete").
+REQUIRED_TAGS = (
+    "data.md5",
+    "cohort.md5",
+    "git.commit",
+    "params.hash",
+    "recipe",
+    "recipe.hash",
+    "fm.site",
+    "weights.sha256",
+)
+
+_LIBRARIES = ("torch", "timm", "onnx", "onnxruntime-gpu", "onnxruntime", "mlflow", "dvc")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def missing_lineage(tags: dict[str, str]) -> list[str]:
+    """Required lineage tags that are absent or hold a placeholder."""
+    placeholders = {"", "unknown", "untracked", "unlocked"}
+    return [k for k in REQUIRED_TAGS if tags.get(k, "") in placeholders]
+
+
+def model_card(
+    *, name: str, site: str, tags: dict[str, str], preprocessing: dict, arch: dict,
+    data_card: dict | None, evaluation: str = "Not evaluated yet: see the study report.",
+) -> str:
+    """A Markdown model card (MONAI-style fields: intended use, data, input/output, versions)."""
+    cohort = data_card or {}
+    lines = [
+        f"# Model card: {name}",
+        "",
+        "## Intended use",
+        "Research only. A retinal foundation-model encoder pre-trained with a masked autoencoder "
+        f"on colour fundus photographs from site **{site}**, for studying how pre-training data "
+        "shapes downstream generalisation and fairness. Not a medical device; not for diagnosis.",
+        "",
+        "## Input and output",
+        f"- input `image`: float32 (batch, 3, {preprocessing.get('img_size')}, "
+        f"{preprocessing.get('img_size')}), RGB scaled to [0, 1] then normalised with mean "
+        f"{preprocessing.get('mean')} and std {preprocessing.get('std')}",
+        "- output `features`: float32 (batch, embed_dim): average-pooled patch tokens after the "
+        "encoder's norm layer (RETFound's feature).",
+        f"- architecture: `{arch}`",
+        "",
+        "## Training data",
+        f"- site: {site}; cohort images: {cohort.get('size', 'n/a')}; "
+        f"patients: {cohort.get('patients', 'n/a')}",
+        f"- raw data DVC md5: `{tags.get('data.md5')}`; cohort DVC md5: `{tags.get('cohort.md5')}`",
+        f"- recipe: `{tags.get('recipe')}` (hash `{tags.get('recipe.hash')}`); "
+        f"params hash `{tags.get('params.hash')}`; git commit `{tags.get('git.commit')}`",
+        "- the full data card (age, sex, ethnicity, camera mix) is attached as `data_card.json`.",
+        "",
+        "## Evaluation",
+        evaluation,
+        "",
+        "## Versions",
+        *[f"- {k}: {v}" for k, v in library_versions().items()],
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""Register ONNX models (site FMs, task classifiers) with their lineage, idempotently.
+
+A version is identified by the sha256 of its PyTorch weights: re-running an unchanged pipeline
+finds the existing version and only re-points the ``candidate`` alias, so no new version appears.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from retfm.registry.lineage import sha256_file
+
+log = logging.getLogger(__name__)
+
+PARITY_LIMIT = 1e-4
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+
+
+class RegistrationError(RuntimeError):
+    """A model may not be registered (e.g. ONNX does not match PyTorch)."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    uri: str
+    run_id: str
+    parity: float
+    weights_sha256: str
+    created: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_version(client: MlflowClient, name: str, weights_sha: str) -> str | None:
+    """The existing version of ``name`` built from exactly these weights, if any."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    for mv in versions:
+        if mv.tags.get("weights.sha256") == weights_sha:
+            return str(mv.version)
+    return None
+
+
+def register_onnx(
+    client: MlflowClient,
+    *,
+    name: str,
+    onnx_path: Path,
+    weights_path: Path,
+    run_id: str,
+    parity: float,
+    input_example: np.ndarray,
+    output_example: np.ndarray,
+    metadata: dict,
+    tags: dict[str, str],
+    attachments: dict[str, str],
+    description: str,
+) -> Registration:
+    """Log the ONNX model (+ weights and cards) into ``run_id`` and register it as ``name``.
+
+    ``attachments`` maps a file name inside the model version to its text (cards); the
+    safetensors weights travel in the same version so it can be fine-tuned further.
+    """
+    if not np.isfinite(parity) or parity > PARITY_LIMIT:
+        raise RegistrationError(
+            f"{name}: ONNX Runtime differs from PyTorch by {parity:.3g} (limit {PARITY_LIMIT:g}); "
+            "not registered"
+        )
+    weights_sha = sha256_file(weights_path)
+    existing = find_version(client, name, weights_sha)
+    if existing is not None:
+        log.info("%s: weights unchanged, reusing version %s", name, existing)
+        client.set_registered_model_alias(name, CANDIDATE, existing)
+        return Registration(name, existing, f"models:/{name}/{existing}", run_id, parity,
+                            weights_sha, created=False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = [str(weights_path)]
+        for fname, text in attachments.items():
+            path = Path(tmp) / fname
+            path.write_text(text)
+            extra.append(str(path))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(
+                onnx.load(str(onnx_path)),
+                name=name,
+                registered_model_name=name,
+                signature=infer_signature(input_example, output_example),
+                input_example=input_example,
+                metadata=metadata,
+                extra_files=extra,
+                save_as_external_data=False,
+            )
+            mlflow.log_metric(f"onnx_parity_max_abs/{name}", parity)
+    version = str(info.registered_model_version)
+    all_tags = {**tags, "weights.sha256": weights_sha, "onnx.parity": f"{parity:.3g}",
+                "onnx.opset": str(_opset(onnx_path))}
+    for key, value in all_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.update_model_version(name, version, description=description)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    return Registration(name, version, f"models:/{name}/{version}", run_id, parity, weights_sha,
+                        created=True)
+
+
+def _opset(onnx_path: Path) -> int:
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    return dict(client.get_model_version(name, version).tags)
+
+
+def write_registration(path: Path, reg: Registration) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(reg.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,188 @@
+"""Gated promotion: ``champion`` moves to a version only when every gate passes.
+
+Gates read the evaluation the study recorded on each version (``eval.*`` tags, written by the
+compare stage) so that candidate and champion are judged on the same evaluation data
+(``eval.data``). A refusal changes nothing but the audit trail. Promotions are serialised by a
+lock held across read-champion -> check -> move-alias, so two concurrent promotions cannot leave
+the alias on a version whose gates were checked against a stale champion.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+from filelock import FileLock
+from mlflow.tracking import MlflowClient
+
+from retfm.registry.lineage import missing_lineage
+from retfm.registry.models import CANDIDATE, CHAMPION
+from retfm.settings import PromotionSettings
+
+HISTORY_TAG = "champion.history"
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    passed: bool
+    value: str
+    limit: str
+
+    def line(self) -> str:
+        mark = "PASS" if self.passed else "FAIL"
+        return f"  [{mark}] {self.name}: {self.value} (required {self.limit})"
+
+
+@dataclass
+class Decision:
+    model: str
+    version: str
+    promoted: bool
+    previous_champion: str | None
+    gates: list[Gate] = field(default_factory=list)
+    who: str = ""
+    when: str = ""
+
+    def report(self) -> str:
+        verdict = "PROMOTED" if self.promoted else "REFUSED"
+        head = f"{verdict}: {self.model} version {self.version} -> @{CHAMPION}"
+        prev = f"  (champion was: {self.previous_champion or 'none'})"
+        return "\n".join([head, prev, *(g.line() for g in self.gates)])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _float(tags: dict[str, str], key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def evaluate_gates(
+    cfg: PromotionSettings,
+    candidate: dict[str, str],
+    champion: dict[str, str] | None,
+    factors: list[str],
+) -> list[Gate]:
+    """Every gate, with the values compared; pure so that it can be tested on plain dicts."""
+    metric = cfg.metric
+    gates: list[Gate] = []
+    missing = missing_lineage(candidate)
+    gates.append(Gate("lineage complete", not missing, ", ".join(missing) or "all tags present",
+                      "data, cohort, commit, params, recipe, site, weights"))
+    overall = _float(candidate, f"eval.{metric}")
+    gates.append(Gate(f"{metric} floor", overall is not None and overall >= cfg.floor,
+                      "not evaluated" if overall is None else f"{overall:.4f}", f">= {cfg.floor}"))
+    if champion is not None:
+        same_data = candidate.get("eval.data") == champion.get("eval.data") is not None
+        champ = _float(champion, f"eval.{metric}")
+        ok = same_data and overall is not None and champ is not None and (
+            overall >= champ - cfg.max_drop_vs_champion
+        )
+        value = (f"{overall} vs champion {champ}" if same_data
+                 else f"evaluation data differ ({candidate.get('eval.data')} vs "
+                      f"{champion.get('eval.data')})")
+        gates.append(Gate(f"{metric} vs champion", ok, value,
+                          f"drop <= {cfg.max_drop_vs_champion} on the same evaluation data"))
+    for factor in factors:
+        worst = _float(candidate, f"eval.worst.{metric}.{factor}")
+        gap = _float(candidate, f"eval.gap.{metric}.{factor}")
+        small = int(_float(candidate, f"eval.undefined.{factor}") or 0)
+        gates.append(Gate(f"worst {factor} group {metric}",
+                          worst is not None and worst >= cfg.min_worst_group,
+                          "not evaluated" if worst is None else f"{worst:.4f}",
+                          f">= {cfg.min_worst_group}"))
+        gates.append(Gate(f"{factor} gap", gap is not None and gap <= cfg.max_gap,
+                          "not evaluated" if gap is None else f"{gap:.4f}", f"<= {cfg.max_gap}"))
+        gates.append(Gate(f"{factor} groups judgeable", small == 0,
+                          f"{small} group(s) undefined or under {cfg.min_group_size} images",
+                          "0 (an unjudgeable group never passes silently)"))
+    return gates
+
+
+def _lock_for(client: MlflowClient) -> FileLock:
+    key = hashlib.sha256(str(client.tracking_uri).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"retfm-promote-{key}.lock"
+    return FileLock(str(path), timeout=120)
+
+
+def _champion(client: MlflowClient, name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _resolve(client: MlflowClient, name: str, version: str | None) -> str:
+    if version is None or version == CANDIDATE:
+        return str(client.get_model_version_by_alias(name, CANDIDATE).version)
+    return str(client.get_model_version(name, version).version)
+
+
+def _record(client: MlflowClient, decision: Decision, experiment_id: str) -> None:
+    payload = json.dumps(decision.to_dict(), sort_keys=True)
+    client.set_model_version_tag(decision.model, decision.version, "promotion.last", payload)
+    run = client.create_run(experiment_id, run_name=f"promote-{decision.model}-v{decision.version}",
+                            tags={"model": decision.model, "model.version": decision.version,
+                                  "promoted": str(decision.promoted).lower()})
+    client.log_text(run.info.run_id, payload, "promotion.json")
+    client.set_terminated(run.info.run_id)
+
+
+def promote(
+    client: MlflowClient,
+    name: str,
+    version: str | None,
+    cfg: PromotionSettings,
+    factors: list[str],
+    experiment_id: str,
+) -> Decision:
+    """Check the gates and move ``champion`` when all pass; returns the recorded decision."""
+    with _lock_for(client):
+        target = _resolve(client, name, version)
+        previous = _champion(client, name)
+        cand_tags = dict(client.get_model_version(name, target).tags)
+        champ_tags = (dict(client.get_model_version(name, previous).tags)
+                      if previous and previous != target else None)
+        gates = evaluate_gates(cfg, cand_tags, champ_tags, factors)
+        decision = Decision(name, target, all(g.passed for g in gates), previous, gates,
+                            who=getpass.getuser(), when=datetime.now(UTC).isoformat())
+        if decision.promoted and previous != target:
+            history = _history(client, name)
+            if previous:
+                history.append(previous)
+            client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+            client.set_registered_model_alias(name, CHAMPION, target)
+        _record(client, decision, experiment_id)
+    return decision
+
+
+def _history(client: MlflowClient, name: str) -> list[str]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG, "[]")
+    return [str(v) for v in json.loads(raw)]
+
+
+def rollback(client: MlflowClient, name: str, experiment_id: str) -> Decision:
+    """Move ``champion`` back to the version it pointed at before the last promotion."""
+    with _lock_for(client):
+        history = _history(client, name)
+        current = _champion(client, name)
+        if not history:
+            raise RuntimeError(f"{name}: no previous champion to roll back to")
+        previous = history.pop()
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        decision = Decision(name, previous, True, current,
+                            [Gate("rollback", True, f"from {current} to {previous}", "-")],
+                            who=getpass.getuser(), when=datetime.now(UTC).isoformat())
+        _record(client, decision, experiment_id)
+    return decision

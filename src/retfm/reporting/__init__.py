@@ -1,0 +1,1 @@
+"""Figures, the study report (HTML + Markdown) and the terminal summary."""

@@ -1,0 +1,240 @@
+"""MLflow set-up shared by every stage: where the store is, experiments, lineage tags.
+
+The embedded default is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts``
+(MLflow >= 3.13 refuses a plain ``./mlruns`` file store). ``MLFLOW_TRACKING_URI`` points every
+stage at a team server instead; artifacts then go through the server's proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from retfm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("pretrain", "adapt", "study")
+
+
+def tracking_uri(settings: Settings) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking.uri
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def configure(settings: Settings) -> MlflowClient:
+    """Point MLflow at the project's store (creating ``mlruns/`` for the embedded one)."""
+    uri = tracking_uri(settings)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(settings: Settings, name: str) -> str:
+    """Get or create an experiment; local stores keep artifacts under ``tracking.artifacts``."""
+    client = configure(settings)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _is_local(tracking_uri(settings)):
+        location = (Path(settings.tracking.artifacts).resolve() / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by a parallel stage
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_hash(dvc_file: Path) -> str:
+    """The md5 DVC recorded for the first out of a ``.dvc`` file (e.g. ``data.dvc``)."""
+    if not dvc_file.is_file():
+        return "untracked"
+    raw = yaml.safe_load(dvc_file.read_text()) or {}
+    outs = raw.get("outs") or [{}]
+    return str(outs[0].get("md5", "untracked"))
+
+
+def lock_hash(stage: str, path: str, lock_file: Path = Path("dvc.lock")) -> str:
+    """The md5 that ``dvc.lock`` holds for an out of a stage (the data a model actually saw).
+
+    ``dvc.lock`` is written after a stage finishes, so a later stage reads its upstream's hash.
+    """
+    if not lock_file.is_file():
+        return "unlocked"
+    raw = yaml.safe_load(lock_file.read_text()) or {}
+    for out in (raw.get("stages", {}).get(stage) or {}).get("outs", []):
+        if out.get("path") == path:
+            return str(out.get("md5", "unlocked"))
+    return "unlocked"
+
+
+def base_tags(settings: Settings) -> dict[str, str]:
+    """Tags every run carries (DESIGN.md naming)."""
+    return {
+        "study": settings.study.name,
+        "data.md5": dvc_hash(Path("data.dvc")),
+        "git.commit": git_commit(),
+        "params.hash": settings.digest(),
+        "profile": settings.profile,
+    }
+
+
+def find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | None:
+    """The newest live run whose tags all match, or None."""
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs(
+        [exp_id], filter_string=filt, max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def run(
+    settings: Settings,
+    experiment: str,
+    *,
+    name: str,
+    tags: dict[str, str],
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume, when ``run_id`` is given) a run with the base tags."""
+    exp = experiment_id(settings, experiment)
+    all_tags = {**base_tags(settings), **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else exp, run_name=None if run_id else name,
+        tags=None if run_id else all_tags,
+    ) as active:
+        if run_id:
+            mlflow.set_tags(all_tags)
+        yield active
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+class BufferedMetricLogger:
+    """Sends metrics from a background thread so that training never waits on the server.
+
+    If the tracking server is unreachable, metrics stay queued and are retried with back-off;
+    ``close()`` makes a last bounded attempt and reports what could not be sent.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, *, retry_s: float = 2.0) -> None:
+        self.client, self.run_id, self.retry_s = client, run_id, retry_s
+        self._queue: queue.Queue[Metric | None] = queue.Queue()
+        self._pending: list[Metric] = []
+        self.sent = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._queue.put(Metric(key, float(value), now, int(step)))
+
+    def _flush(self) -> bool:
+        while self._pending:
+            batch = self._pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            except Exception as err:  # noqa: BLE001 - any transport error means "retry later"
+                log.warning("tracking server unavailable (%s); %d metrics queued",
+                            type(err).__name__, len(self._pending))
+                return False
+            del self._pending[: len(batch)]
+            self.sent += len(batch)
+        return True
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                item = self._queue.get(timeout=self.retry_s)
+                while True:
+                    if item is None:
+                        stop = True
+                    else:
+                        self._pending.append(item)
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            if not self._flush() and not stop:
+                time.sleep(self.retry_s)
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Stop the sender; returns how many metrics could not be delivered."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline and not self._flush():
+            time.sleep(self.retry_s)
+        if self._pending:
+            log.error("%d metrics could not be sent to run %s", len(self._pending), self.run_id)
+        return len(self._pending)
+
+
+def study_parent_run(settings: Settings, experiment: str = "adapt") -> str:
+    """The one parent run that groups every adaptation of this study version.
+
+    Keyed by the study name plus a hash of params and raw data, found or created under a file
+    lock so that parallel adaptation jobs share one parent.
+    """
+    from filelock import FileLock
+
+    client = configure(settings)
+    exp = experiment_id(settings, experiment)
+    key = f"{settings.digest()}-{dvc_hash(Path('data.dvc'))[:12]}"
+    lock_name = f"retfm-parent-{hash_text(tracking_uri(settings) + key)}.lock"
+    with FileLock(str(Path(tempfile.gettempdir()) / lock_name), timeout=120):
+        found = find_run(client, exp, {"study.key": key, "run.kind": "study-parent"})
+        if found:
+            return found
+        tags = {**base_tags(settings), "study.key": key, "run.kind": "study-parent"}
+        created = client.create_run(exp, run_name=f"study-{settings.study.name}", tags=tags)
+        return created.info.run_id
+
+
+def hash_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
