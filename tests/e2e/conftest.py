@@ -1,0 +1,100 @@
+"""A fresh clone of this repository on the tiny profile, as a new user would have it.
+
+The study repo is built once per session (copy of the files git would ship, new git repo, tiny
+profile, synthetic data, ``dvc repro``); tests then look at it as a user would: the registry,
+the runs, the outputs, the commands' output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Study:
+    path: Path
+    repro: subprocess.CompletedProcess
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.path / 'mlruns' / 'mlflow.db'}"
+
+
+def run(cmd: list[str], cwd: Path, *, check: bool = True, timeout: int = 900,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+            f"STDERR:\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def shipped_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    return [f for f in out if f and (ROOT / f).is_file()]
+
+
+def clone_repo(dest: Path, profile: str = "tiny") -> Path:
+    """Copy what git ships into ``dest``, make it a git repo, apply the profile."""
+    for rel in shipped_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clone"], dest)
+    run(["retfm", "profile", profile], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic raw data for the tiny profile, generated once and copied by each study."""
+    repo = clone_repo(tmp_path_factory.mktemp("data-src"))
+    run(["retfm", "synth"], repo)
+    return repo / "data"
+
+
+@pytest.fixture(scope="session")
+def make_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Callable[..., Study]:
+    def make(name: str, mutate: Callable[[Path], None] | None = None, *,
+             check: bool = True) -> Study:
+        repo = clone_repo(tmp_path_factory.mktemp(name))
+        shutil.copytree(tiny_data, repo / "data")
+        if mutate is not None:
+            mutate(repo)
+        run(["dvc", "add", "-q", "data"], repo)
+        proc = run(["dvc", "repro"], repo, check=check)
+        return Study(repo, proc)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def study(make_study: Callable[..., Study]) -> Study:
+    """The tiny study, reproduced end to end."""
+    return make_study("study")
+
+
+@pytest.fixture(scope="session")
+def sh() -> Callable[..., subprocess.CompletedProcess]:
+    """Run a command in a study repo with the project's venv on PATH."""
+    return run

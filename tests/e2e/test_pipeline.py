@@ -1,0 +1,82 @@
+"""The whole study on the tiny profile, checked the way a user would check it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.e2e
+
+SITES = ("hospital", "screening")
+
+
+@pytest.fixture(scope="module")
+def client(study) -> MlflowClient:
+    mlflow.set_tracking_uri(study.tracking_uri)
+    mlflow.set_registry_uri(study.tracking_uri)
+    return MlflowClient(study.tracking_uri, study.tracking_uri)
+
+
+def test_registry_holds_both_site_fms_as_runnable_onnx(study, client: MlflowClient) -> None:
+    for site in SITES:
+        version = client.get_model_version_by_alias(f"fm-{site}", "candidate")
+        tags = version.tags
+        assert tags["fm.site"] == site
+        assert float(tags["onnx.parity"]) <= 1e-4
+        for key in ("data.md5", "cohort.md5", "git.commit", "params.hash", "recipe.hash"):
+            assert tags[key] not in ("", "unknown", "untracked", "unlocked"), key
+        model = mlflow.pyfunc.load_model(f"models:/fm-{site}@candidate")
+        meta = model.metadata.metadata
+        img = int(meta["preprocessing"]["img_size"])
+        out = model.predict(np.zeros((3, 3, img, img), dtype=np.float32))
+        features = next(iter(out.values())) if isinstance(out, dict) else np.asarray(out)
+        assert features.shape[0] == 3 and np.isfinite(features).all()
+
+
+def test_every_evaluation_run_has_subgroup_keys_and_counts(study,
+                                                           client: MlflowClient) -> None:
+    exp = client.get_experiment_by_name("adapt")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'adapt'", max_results=500)
+    settings_seeds = 2
+    assert len(runs) == len(SITES) * 3 * settings_seeds
+    for r in runs:
+        for tag in ("study", "fm.site", "fm.model", "fm.version", "task", "task.site", "aligned",
+                    "adaptation", "seed", "data.md5", "git.commit"):
+            assert tag in r.data.tags, (tag, r.info.run_name)
+        keys = r.data.metrics
+        assert "auroc" in keys
+        assert any(k.startswith("auroc/age/") for k in keys), sorted(keys)
+        assert any(k.startswith("n/sex/") for k in keys), sorted(keys)
+        assert r.data.tags.get("mlflow.parentRunId")
+
+
+def test_compare_writes_report_and_summary(study, sh) -> None:
+    summary = json.loads((study.path / "outputs/study/summary.json").read_text())
+    assert summary["tasks"], summary
+    assert (study.path / "outputs/study/report.html").stat().st_size > 1000
+    shown = sh(["retfm", "summary"], study.path).stdout
+    assert "hospital_dr" in shown and "mlflow ui" in shown
+    table = pd.read_parquet(study.path / "outputs/evaluation/runs.parquet")
+    assert set(table["fm"]) == set(SITES)
+
+
+def test_second_repro_finds_nothing_to_do(study, sh) -> None:
+    start = time.perf_counter()
+    proc = sh(["dvc", "repro"], study.path)
+    assert "Running stage" not in proc.stdout, proc.stdout
+    assert time.perf_counter() - start < 120
+    status = sh(["dvc", "status"], study.path).stdout
+    assert "changed" not in status, status
+
+
+def test_rerun_creates_no_new_registry_versions(study, sh, client: MlflowClient) -> None:
+    before = {site: len(client.search_model_versions(f"name = 'fm-{site}'")) for site in SITES}
+    sh(["dvc", "repro", "--force", "register@hospital"], study.path)
+    after = {site: len(client.search_model_versions(f"name = 'fm-{site}'")) for site in SITES}
+    assert before == after
