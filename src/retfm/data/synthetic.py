@@ -229,9 +229,11 @@ class RenderJob(NamedTuple):
 
 
 @lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel x, y and squared distance from the image centre, float32 (size, size) each."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    return xx, yy
+    c = (size - 1) / 2.0
+    return xx, yy, (xx - c) ** 2 + (yy - c) ** 2
 
 
 def _walk_vessel(
@@ -291,7 +293,7 @@ def render_fundus(
     circular field of view.
     """
     s = size
-    xx, yy = _grid(s)
+    xx, yy, centre_d2 = _grid(s)
     c = (s - 1) / 2.0
     radius = style.fov * s
     side = 1.0 if eye == "R" else -1.0  # a right eye's optic disc is on the image's right
@@ -301,8 +303,7 @@ def render_fundus(
 
     retina = np.array([0.86 - 0.30 * pigment, 0.40 - 0.15 * pigment, 0.18 - 0.06 * pigment])
     retina = retina * rng.uniform(0.9, 1.1)
-    r2 = ((xx - c) ** 2 + (yy - c) ** 2) / radius**2
-    shade = 1.0 - 0.45 * r2
+    shade = 1.0 - 0.45 * centre_d2 / radius**2
     texture = Image.fromarray(rng.normal(0.0, 1.0, (6, 6)).astype(np.float32), mode="F")
     shade = shade * (1.0 + 0.06 * np.asarray(texture.resize((s, s), Image.Resampling.BICUBIC)))
     d_mac = ((xx - mac[0]) ** 2 + (yy - mac[1]) ** 2) / (0.13 * radius) ** 2
@@ -323,13 +324,12 @@ def render_fundus(
     gx, gy = style.gradient
     img = img * (1.0 + gx * (xx - c) / radius + gy * (yy - c) / radius)[..., None]
     img = img * np.array(style.cast, dtype=np.float32)
-    img = img + rng.normal(0.0, style.noise, img.shape).astype(np.float32)
+    img = img + np.float32(style.noise) * rng.standard_normal(img.shape, dtype=np.float32)
     out = Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
     blur = style.blur * s / 80.0
     if blur > 0.05:
         out = out.filter(ImageFilter.GaussianBlur(blur))
-    dist = np.sqrt((xx - c) ** 2 + (yy - c) ** 2)
-    fov = np.clip(radius - dist + 0.5, 0.0, 1.0)[..., None]  # 1 px soft edge
+    fov = np.clip(radius - np.sqrt(centre_d2) + 0.5, 0.0, 1.0)[..., None]  # 1 px soft edge
     return (np.asarray(out, dtype=np.float32) * fov + 0.5).astype(np.uint8)
 
 
