@@ -1,0 +1,88 @@
+"""Stage evaluate: per-subgroup metrics, fairness gaps and bootstrap intervals for every
+adaptation run, logged into that run (``auroc``, ``auroc/age/ge60``, ``n/sex/F``,
+``gap/auroc/age`` ...) with the per-group tables, and gathered into DVC metrics."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import typer
+from mlflow.entities import Metric
+
+from retfm import tracking
+from retfm.evaluation.runs import evaluate_predictions
+from retfm.settings import load_settings
+from retfm.stage import stage
+
+
+@stage("evaluate")
+def main() -> None:
+    settings = load_settings()
+    outputs = settings.paths.outputs
+    client = tracking.configure(settings)
+    run_rows, group_frames = [], []
+    for fm in settings.study.sites:
+        for task in settings.study.tasks:
+            folder = outputs / "adapt" / fm / task
+            info = json.loads((folder / "runs.json").read_text())
+            preds = pd.read_parquet(folder / "predictions.parquet")
+            for seed, frame in preds.groupby("seed", sort=True):
+                run_id = info["runs"][str(seed)]
+                result = evaluate_predictions(frame.drop(columns=["seed", "run_id"]),
+                                              settings.evaluation, seed=int(seed))
+                metrics = dict(result.keys.metrics)
+                overall_ci = result.intervals.query("factor == 'overall' and metric == 'auroc'")
+                if len(overall_ci):
+                    metrics["auroc_lo"] = float(overall_ci["lo"].iloc[0])
+                    metrics["auroc_hi"] = float(overall_ci["hi"].iloc[0])
+                _log(client, run_id, metrics, result.groups, result.keys.undefined)
+                context = {"fm": fm, "task": task, "task_site": info["task_site"],
+                           "aligned": info["aligned"], "seed": int(seed), "run_id": run_id}
+                run_rows.append({**context, **metrics})
+                group_frames.append(result.groups.assign(**context))
+    runs = pd.DataFrame(run_rows)
+    groups = pd.concat(group_frames, ignore_index=True)
+    out = outputs / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    runs.to_parquet(out / "runs.parquet", index=False)
+    groups.astype({c: str for c in groups.columns if groups[c].dtype == object}).to_parquet(
+        out / "groups.parquet", index=False)
+    tracking.write_json(out / "metrics.json", _dvc_metrics(runs))
+    print(runs.groupby(["fm", "task"])["auroc"].agg(["mean", "std"]).round(3).to_string())
+
+
+def _log(client, run_id: str, metrics: dict[str, float], groups: pd.DataFrame,  # noqa: ANN001
+         undefined: list[str]) -> None:
+    now = mlflow.utils.time.get_current_time_millis()
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for start in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[start:start + 1000])
+    client.set_tag(run_id, "eval.undefined", ",".join(undefined)[:5000] or "none")
+    table = groups.copy()
+    for col in table.columns:
+        if table[col].dtype == object:
+            table[col] = table[col].astype(str)
+    client.log_table(run_id, data=table, artifact_file="evaluation/groups.json")
+
+
+def _dvc_metrics(runs: pd.DataFrame) -> dict:
+    """Mean (and sd) over seeds per FM and task: what `dvc metrics diff` compares."""
+    keep = [c for c in runs.columns if c in ("auroc", "aupr", "accuracy", "f1_macro", "kappa",
+                                             "ece") or c.startswith(("gap/auroc/", "worst/auroc/"))]
+    out: dict = {}
+    for (fm, task), frame in runs.groupby(["fm", "task"], sort=True):
+        entry = {}
+        for col in keep:
+            vals = frame[col].dropna().to_numpy(float)
+            if len(vals):
+                entry[col.replace("/", "_")] = round(float(np.mean(vals)), 5)
+        entry["auroc_sd"] = round(float(np.std(frame["auroc"], ddof=1)), 5) if len(frame) > 1 else 0
+        out.setdefault(fm, {})[task] = entry
+    return out
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,52 @@
+"""Everything one adaptation run's test predictions say: overall metrics, per-subgroup tables,
+fairness gaps, bootstrap intervals, and the flat MLflow metric keys built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from retfm.evaluation.bootstrap import bootstrap_intervals
+from retfm.evaluation.fairness import MetricKeys, fairness_summary, metric_keys, subgroup_table
+from retfm.evaluation.metrics import overall_metrics
+from retfm.evaluation.subgroups import add_groups, arrays
+from retfm.settings import EvaluationSettings
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    overall: dict[str, float]
+    groups: pd.DataFrame  # one row per (factor, group), with bootstrap intervals of AUROC
+    summaries: list[dict]
+    keys: MetricKeys
+    intervals: pd.DataFrame
+
+
+def groupings(cfg: EvaluationSettings, preds: pd.DataFrame) -> list[str]:
+    """Factor names to split on: the age binnings, then sex / ethnicity where recorded."""
+    names: list[str] = []
+    if "age" in cfg.factors and "age" in preds.columns:
+        names += list(cfg.age_bins)
+    names += [f for f in cfg.factors if f != "age" and f in preds.columns]
+    return names
+
+
+def evaluate_predictions(preds: pd.DataFrame, cfg: EvaluationSettings, *,
+                         seed: int = 0) -> RunEvaluation:
+    age_bins = cfg.age_bins if "age" in cfg.factors and "age" in preds.columns else {}
+    grouped = add_groups(preds, age_bins)
+    y, probs = arrays(grouped)
+    overall = overall_metrics(y, probs)
+    factors = groupings(cfg, preds)
+    tables = [subgroup_table(grouped, f, min_group_size=cfg.min_group_size) for f in factors]
+    summaries = [fairness_summary(t, overall["auroc"]) for t in tables]
+    keys = metric_keys(overall, tables, summaries)
+    intervals = (bootstrap_intervals(grouped, factors, n_boot=cfg.n_boot, ci=cfg.ci, seed=seed)
+                 if cfg.n_boot else pd.DataFrame())
+    groups = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if len(intervals) and len(groups):
+        auc = intervals[intervals["metric"] == "auroc"][["factor", "group", "lo", "hi"]]
+        groups = groups.merge(auc.rename(columns={"lo": "auroc_lo", "hi": "auroc_hi"}),
+                              on=["factor", "group"], how="left")
+    return RunEvaluation(overall, groups, summaries, keys, intervals)
