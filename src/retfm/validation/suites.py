@@ -1,0 +1,246 @@
+"""The expectation suites, as code: what a site table, a task table and a cohort must satisfy.
+
+Every rule is a Great Expectations expectation, so the Data Docs list them all. Rules across
+rows or tables are expressed on derived columns computed here with vectorised pandas (e.g. a
+boolean ``patient_in_several_splits`` expected to be False), which keeps validation of a
+904,170-row table to a few seconds.
+
+- site: required columns exist, are non-null and typed; age within
+  `validation.age_min..age_max`; sex, ethnicity, eye in the schema vocabularies; unique
+  `image_id`; paths relative and inside their folder; every image decodes (`image_problem` null).
+- task: the same for the task columns; `split` in train/val/test and each split non-empty;
+  `label` in the fixed label set (the train split's labels) and each label present;
+  `source_site` a known site; no patient in two splits.
+- cohort: the site rules; no patient of a held-out task set of the site
+  (`patient_in_heldout` False).
+- cohort mix: per age band and sex, the cohort's share within
+  `validation.distribution_tolerance` of the site pool's share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import numpy as np
+import pandas as pd
+
+from retfm.data import schema
+from retfm.data.metadata import EYE_UNKNOWN
+from retfm.settings import Settings
+
+ESCAPING_PATH_REGEX = r"^/|^[A-Za-z]:|(?:^|/)\.\.(?:/|$)"
+EYE_VALUES = [*schema.EYE, EYE_UNKNOWN]
+IMAGE_PROBLEM = "image_problem"
+SEVERAL_SPLITS = "patient_in_several_splits"
+IN_HELDOUT = "patient_in_heldout"
+MIX_FACTORS = ("age_band", "sex")
+_GX_TYPE = {"str": "str", "float": "float64", "int": "int64"}
+
+
+def known_source_sites(settings: Settings) -> list[str]:
+    """Sites a task may come from: the study's sites plus the external ones in the params."""
+    names = set(settings.study.sites) | set(settings.synthetic.sites)
+    names |= {task.source_site for task in settings.synthetic.tasks.values()}
+    return sorted(names)
+
+
+def _columns(suite: gx.ExpectationSuite, columns: dict[str, str], required: bool) -> None:
+    for col, kind in columns.items():
+        if required:
+            suite.add_expectation(gxe.ExpectColumnToExist(column=col))
+            suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col))
+        suite.add_expectation(gxe.ExpectColumnValuesToBeOfType(column=col, type_=_GX_TYPE[kind]))
+
+
+def _values(suite: gx.ExpectationSuite, settings: Settings, present: Iterable[str]) -> None:
+    present = set(present)
+    v = settings.validation
+    rules = {
+        "age": gxe.ExpectColumnValuesToBeBetween(
+            column="age", min_value=v.age_min, max_value=v.age_max
+        ),
+        "sex": gxe.ExpectColumnValuesToBeInSet(column="sex", value_set=list(schema.SEX)),
+        "ethnicity": gxe.ExpectColumnValuesToBeInSet(
+            column="ethnicity", value_set=list(schema.ETHNICITY)
+        ),
+        "eye": gxe.ExpectColumnValuesToBeInSet(column="eye", value_set=EYE_VALUES),
+    }
+    for col, rule in rules.items():
+        if col in present:
+            suite.add_expectation(rule)
+    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="image_id"))
+    suite.add_expectation(
+        gxe.ExpectColumnValuesToNotMatchRegex(column="path", regex=ESCAPING_PATH_REGEX)
+    )
+
+
+def site_suite(
+    settings: Settings,
+    name: str = "site",
+    *,
+    optional: Iterable[str] = ("ethnicity", "eye"),
+    images: bool | None = None,
+) -> gx.ExpectationSuite:
+    """Rules for one site's pre-training pool (``data/sites/<site>/metadata.csv``).
+
+    ``optional`` names the optional columns the table has, whose values are then checked too;
+    ``images`` (default: ``validation.check_images``) adds the rule that ``image_problem`` is null.
+    """
+    suite = gx.ExpectationSuite(name=name)
+    _columns(suite, schema.SITE_REQUIRED, required=True)
+    optional = [c for c in optional if c in schema.SITE_OPTIONAL]
+    _columns(suite, {c: schema.SITE_OPTIONAL[c] for c in optional}, required=False)
+    _values(suite, settings, [*schema.SITE_REQUIRED, *optional])
+    if settings.validation.check_images if images is None else images:
+        suite.add_expectation(gxe.ExpectColumnValuesToBeNull(column=IMAGE_PROBLEM))
+    return suite
+
+
+def task_suite(
+    settings: Settings,
+    classes: Sequence[str],
+    name: str = "task",
+    *,
+    optional: Iterable[str] = (),
+    images: bool | None = None,
+) -> gx.ExpectationSuite:
+    """Rules for one downstream set; ``classes`` is its fixed label set.
+
+    ``optional`` names the optional columns the table has (age, sex, ...), whose values are
+    then checked too. Needs the ``patient_in_several_splits`` column (:func:`with_split_leakage`)
+    and, with ``images`` (default: ``validation.check_images``), ``image_problem``.
+    """
+    suite = gx.ExpectationSuite(name=name)
+    _columns(suite, schema.TASK_REQUIRED, required=True)
+    optional = [c for c in optional if c in schema.TASK_OPTIONAL]
+    _columns(suite, {c: schema.TASK_OPTIONAL[c] for c in optional}, required=False)
+    _values(suite, settings, optional)
+    split = list(schema.SPLITS)
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=split))
+    suite.add_expectation(
+        gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=split)
+    )
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)))
+    suite.add_expectation(
+        gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=list(classes))
+    )
+    suite.add_expectation(gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2))
+    suite.add_expectation(
+        gxe.ExpectColumnValuesToBeInSet(
+            column="source_site", value_set=known_source_sites(settings)
+        )
+    )
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=SEVERAL_SPLITS, value_set=[False]))
+    if settings.validation.check_images if images is None else images:
+        suite.add_expectation(gxe.ExpectColumnValuesToBeNull(column=IMAGE_PROBLEM))
+    return suite
+
+
+def cohort_suite(
+    settings: Settings, name: str = "cohort", *, optional: Iterable[str] = ("ethnicity", "eye")
+) -> gx.ExpectationSuite:
+    """Rules for a sampled cohort: the site rules plus no held-out patient in it.
+
+    Needs the ``patient_in_heldout`` column (:func:`with_heldout_flag`). Images were checked
+    with the site pool, so they are not checked again.
+    """
+    suite = site_suite(settings, name, optional=optional, images=False)
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=IN_HELDOUT, value_set=[False]))
+    return suite
+
+
+def mix_suite(settings: Settings, name: str = "cohort_mix") -> gx.ExpectationSuite:
+    """Rules on the table of :func:`mix_table`: each group's share close to the pool's."""
+    suite = gx.ExpectationSuite(name=name)
+    suite.add_expectation(
+        gxe.ExpectColumnValuesToBeBetween(
+            column="abs_difference",
+            min_value=0.0,
+            max_value=settings.validation.distribution_tolerance,
+        )
+    )
+    return suite
+
+
+def task_classes(df: pd.DataFrame) -> list[str]:
+    """The fixed label set of a task table: the labels of its train split (all labels if none)."""
+    if "label" not in df.columns:
+        return []
+    train = df["label"][df["split"].eq("train")] if "split" in df.columns else df["label"]
+    labels = train if train.notna().any() else df["label"]
+    return sorted(labels.dropna().astype(str).unique().tolist())
+
+
+def with_split_leakage(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``patient_in_several_splits``: True on every row of a patient found in >1 split."""
+    out = df.copy()
+    if {"patient_id", "split"} <= set(df.columns):
+        out[SEVERAL_SPLITS] = (
+            df.groupby("patient_id", dropna=False)["split"].transform("nunique").gt(1)
+        )
+    else:
+        out[SEVERAL_SPLITS] = False
+    return out
+
+
+def with_heldout_flag(df: pd.DataFrame, heldout_patients: Iterable[str]) -> pd.DataFrame:
+    """Add ``patient_in_heldout``: True where the row's patient is in a held-out task set."""
+    out = df.copy()
+    out[IN_HELDOUT] = df["patient_id"].isin(pd.Index(list(heldout_patients), dtype="str"))
+    return out
+
+
+def with_image_problems(df: pd.DataFrame, problems: pd.DataFrame) -> pd.DataFrame:
+    """Add ``image_problem``: ``"<problem>: <detail>"`` for images with an error, else null."""
+    errors = problems[problems["severity"].eq("error")]
+    text = pd.Series(
+        (errors["problem"] + ": " + errors["detail"]).to_numpy(),
+        index=errors["path"].to_numpy(),
+        dtype="str",
+    )
+    out = df.copy()
+    out[IMAGE_PROBLEM] = df["path"].map(text[~text.index.duplicated()]).astype("str")
+    return out
+
+
+def age_bands(age: pd.Series, edges: Sequence[float]) -> pd.Series:
+    """Vectorised :func:`retfm.data.schema.age_band` (same labels, 'unknown' for NaN)."""
+    edges = sorted(edges)
+    labels = np.array(
+        [schema.age_band(rep, list(edges)) for rep in [edges[0] - 1, *edges]] if edges else ["all"],
+        dtype=object,
+    )
+    values = age.to_numpy(dtype="float64", na_value=np.nan)
+    idx = np.searchsorted(np.asarray(edges, dtype="float64"), values, side="right") if edges else 0
+    bands = labels[idx] if edges else np.full(len(values), "all", dtype=object)
+    bands[np.isnan(values)] = "unknown"
+    return pd.Series(bands, index=age.index, dtype="str")
+
+
+def mix_table(cohort: pd.DataFrame, pool: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+    """Share of each age band (``evaluation.age_bins['age']``) and sex in cohort vs pool.
+
+    One row per ``factor=group`` (column ``group``), with ``cohort_share``, ``pool_share`` and
+    ``abs_difference``; a group absent from one side has share 0 there.
+    """
+    edges = settings.evaluation.age_bins.get("age", [60.0])
+    parts = []
+    for factor in MIX_FACTORS:
+        if factor == "age_band":
+            c, p = age_bands(cohort["age"], edges), age_bands(pool["age"], edges)
+        else:
+            c, p = cohort[factor].astype("str"), pool[factor].astype("str")
+        shares = pd.concat(
+            {
+                "cohort_share": c.value_counts(normalize=True),
+                "pool_share": p.value_counts(normalize=True),
+            },
+            axis=1,
+        ).fillna(0.0)
+        shares.index = [f"{factor}={g}" for g in shares.index]
+        parts.append(shares)
+    table = pd.concat(parts).rename_axis("group").reset_index()
+    table["abs_difference"] = (table["cohort_share"] - table["pool_share"]).abs()
+    return table

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+from retfm.validation.images import check_images
+
+
+def _problems(root: Path, paths: list[str], workers: int = 1) -> dict[str, str]:
+    found = check_images(root, paths, min_side=32, workers=workers)
+    return dict(zip(found["path"], found["problem"], strict=True))
+
+
+def test_good_rgb_png_has_no_problem(tmp_path, png):
+    png(tmp_path / "a.png")
+    assert check_images(tmp_path, ["a.png"], min_side=32).empty
+
+
+def test_grayscale_is_accepted_as_info(tmp_path, png):
+    png(tmp_path / "g.png", mode="L")
+    found = check_images(tmp_path, ["g.png"], min_side=32)
+    assert found.to_dict("records") == [
+        {
+            "path": "g.png",
+            "problem": "converted_to_rgb",
+            "severity": "info",
+            "detail": "mode L, converted to RGB at packing",
+        }
+    ]
+
+
+def test_each_bad_file_gets_its_problem(tmp_path, png):
+    png(tmp_path / "small.png", side=16)
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.png").write_bytes(b"not an image at all")
+    png(tmp_path / "named.png").rename(tmp_path / "named.jpg")  # PNG bytes, JPEG name
+    whole = png(tmp_path / "cut.png", side=64).read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "odd.xyz").write_bytes(png(tmp_path / "x.png").read_bytes())
+    paths = ["missing.png", "zero.png", "text.png", "named.jpg", "cut.png", "small.png", "odd.xyz"]
+    assert _problems(tmp_path, paths) == {
+        "missing.png": "missing",
+        "zero.png": "empty",
+        "text.png": "not_an_image",
+        "named.jpg": "format_mismatch",
+        "cut.png": "truncated",
+        "small.png": "too_small",
+        "odd.xyz": "format_mismatch",
+    }
+    found = check_images(tmp_path, ["named.jpg", "small.png"], min_side=32)
+    assert "PNG bytes named as JPEG" in found["detail"].iloc[0]
+    assert "16x16" in found["detail"].iloc[1]
+
+
+def test_pool_gives_the_same_answer_in_the_same_order(tmp_path, png):
+    paths = []
+    for i in range(300):
+        name = f"{i:03d}.png"
+        if i % 50 == 7:
+            (tmp_path / name).write_bytes(b"")
+        else:
+            png(tmp_path / name, side=8 if i % 50 == 9 else 40, seed=i)
+        paths.append(name)
+    inline = check_images(tmp_path, paths, min_side=32, workers=1)
+    pooled = check_images(tmp_path, paths, min_side=32, workers=2)
+    assert len(inline) == 12
+    assert inline.equals(pooled)
+    assert list(pooled["path"]) == sorted(pooled["path"])

@@ -1,0 +1,138 @@
+import json
+
+import pandas as pd
+import pytest
+
+from retfm.validation.report import ValidationFailed
+from retfm.validation.runner import validate_cohort, validate_raw
+
+
+def test_valid_data_passes_and_writes_tables_report_and_docs(make_data, tmp_path, settings, png):
+    data = make_data()
+    png(data / "sites" / "hospital" / "images" / "hospital0.png", mode="L")  # grayscale is fine
+    out = tmp_path / "out"
+    report = validate_raw(settings, data, out)
+    assert report.success, report.summary_text()
+    assert [s.name for s in report.suites] == [
+        "site.hospital",
+        "site.screening",
+        "task.hospital_dr",
+    ]
+    site = pd.read_parquet(out / "sites" / "hospital.parquet")
+    assert len(site) == 8 and "row" in site.columns and "image_problem" not in site.columns
+    task = pd.read_parquet(out / "tasks" / "hospital_dr.parquet")
+    assert set(task["split"]) == {"train", "val", "test"}
+    assert json.loads((out / "report.json").read_text())["success"] is True
+    index = (out / "data_docs" / "index.html").read_text()
+    assert "site.hospital" in index
+    assert any("converted_to_rgb" in note for note in report.suites[0].notes)
+
+
+def test_bad_images_and_rows_fail_naming_file_row_and_field(make_data, tmp_path, settings, png):
+    rows = [
+        "a0,p0,images/a0.png,60,F,white,L,cam",
+        "a1,p1,images/a1.png,61,M,white,R,cam",
+        "a1,p9,images/a1b.png,62,F,white,R,cam",  # same image id, different row
+        "a3,p3,images/gone.png,63,F,white,R,cam",
+        "a4,p4,images/zero.png,64,F,white,R,cam",
+        "a5,p5,images/cut.png,65,F,white,R,cam",
+        "a6,p6,images/named.jpg,66,F,white,R,cam",
+        "a7,p7,images/small.png,67,F,white,R,cam",
+    ]
+    data = make_data(site_rows={"hospital": rows})
+    images = data / "sites" / "hospital" / "images"
+    (images / "gone.png").unlink()
+    (images / "zero.png").write_bytes(b"")
+    whole = png(images / "cut.png", side=64).read_bytes()
+    (images / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (images / "named.jpg").write_bytes(png(images / "x.png").read_bytes())
+    png(images / "small.png", side=16)
+    out = tmp_path / "out"
+    (out / "sites").mkdir(parents=True)
+    (out / "sites" / "hospital.parquet").write_bytes(b"stale")
+
+    with pytest.raises(ValidationFailed) as info:
+        validate_raw(settings, data, out)
+    text = str(info.value)
+    csv = str(data / "sites" / "hospital" / "metadata.csv")
+    assert f"[FAIL] site.hospital ({csv}, 8 rows)" in text
+    assert "expect_column_values_to_be_unique on 'image_id': 2 row(s)" in text
+    assert "row 3 = 'a1' [images/a1.png], row 4 = 'a1' [images/a1b.png]" in text
+    assert "expect_column_values_to_be_null on 'image_problem': 5 row(s)" in text
+    for row, file, problem in [
+        (5, "gone.png", "missing"),
+        (6, "zero.png", "empty"),
+        (7, "cut.png", "truncated"),
+        (8, "named.jpg", "format_mismatch: PNG bytes named as JPEG"),
+        (9, "small.png", "too_small: 16x16 px"),
+    ]:
+        assert f"row {row} = '{problem}" in text and f"[images/{file}]" in text
+    assert "[ok  ] site.screening" in text and "[ok  ] task.hospital_dr" in text
+    assert not (out / "sites" / "hospital.parquet").exists()
+    assert not list(out.glob("*/*.parquet"))
+    assert (out / "data_docs" / "index.html").is_file()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["success"] is False
+    assert saved == json.loads(info.value.report.to_json())
+
+
+def test_unreadable_csv_is_a_failed_suite_not_a_crash(make_data, tmp_path, settings):
+    data = make_data(site_rows={"screening": ["s0,q0,images/s0.png,abc,F,white,L,cam"]})
+    task_csv = data / "tasks" / "hospital_dr" / "metadata.csv"
+    task_csv.write_text("image_id,patient_id,path,label,source_site\nt0,tp0,images/t0.png,1,x\n")
+    with pytest.raises(ValidationFailed) as info:
+        validate_raw(settings, data, tmp_path / "out")
+    report = info.value.report
+    by_name = {s.name: s for s in report.suites}
+    assert by_name["site.hospital"].success
+    age = by_name["site.screening"].failures[0]
+    assert (age.expectation, age.column, age.rows, age.values) == (
+        "read_metadata",
+        "age",
+        [2],
+        ["abc"],
+    )
+    header = by_name["task.hospital_dr"].failures[0]
+    assert (header.column, header.rows) == ("split", [1])
+    assert header.detail == "expected this required column in the header"
+    text = report.summary_text()
+    assert "read_metadata on 'age': 1 row(s) (expected years as a number" in text
+    assert (tmp_path / "out" / "data_docs" / "index.html").is_file()
+
+
+def test_task_split_leak_is_caught(make_data, tmp_path, settings):
+    rows = [
+        "t0,tp0,images/t0.png,0,train,hospital,40,F",
+        "t1,tp1,images/t1.png,1,train,hospital,41,M",
+        "t2,tp0,images/t2.png,0,val,hospital,42,F",
+        "t3,tp3,images/t3.png,1,test,hospital,43,M",
+        "t4,tp4,images/t4.png,7,test,public,44,M",
+    ]
+    with pytest.raises(ValidationFailed) as info:
+        validate_raw(settings, make_data(task_rows=rows), tmp_path / "out")
+    text = str(info.value)
+    assert "on 'patient_in_several_splits': 2 row(s)" in text and "row 2 = True" in text
+    assert "on 'label': 1 row(s)" in text and "row 6 = '7'" in text
+
+
+def test_cohort_validation(tmp_path, settings):
+    n = 200
+    pool = pd.DataFrame(
+        {
+            "row": range(2, n + 2),
+            "image_id": [f"i{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "path": [f"images/i{i}.png" for i in range(n)],
+            "age": [20.0 + (i % 70) for i in range(n)],
+            "sex": ["F", "M"] * (n // 2),
+        }
+    )
+    cohort = pool.iloc[:140]  # two full cycles of ages, both sexes: the pool's mix
+    report = validate_cohort(cohort, pool, {"p199"}, settings, tmp_path / "ok", site="hospital")
+    assert report.success
+    assert (tmp_path / "ok" / "data_docs" / "index.html").is_file()
+    with pytest.raises(ValidationFailed) as info:
+        validate_cohort(pool.iloc[:60], pool, {"p3"}, settings, tmp_path / "bad", site="hospital")
+    text = str(info.value)
+    assert "[FAIL] cohort.hospital" in text and "row 5 = True" in text
+    assert "[FAIL] cohort_mix.hospital" in text and "age_band=" in text
