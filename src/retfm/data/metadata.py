@@ -291,7 +291,8 @@ def _read(csv_path: Path, required: dict[str, str], what: str) -> pd.DataFrame:
     raw = _read_text_table(csv_path)
     missing = [c for c in required if c not in raw.columns]
     if missing:
-        problems = [Problem(str(csv_path), 1, c, "", "this required column in the header") for c in missing]
+        expected = "this required column in the header"
+        problems = [Problem(str(csv_path), 1, c, "", expected) for c in missing]
         raise MetadataError(
             csv_path,
             problems,
