@@ -30,8 +30,9 @@ def seed_average(preds: pd.DataFrame) -> pd.DataFrame:
     return preds.groupby(keys, dropna=False, sort=True)[probs].mean().reset_index()
 
 
-def compare_task(task: str, runs: pd.DataFrame, preds: dict[str, pd.DataFrame], *,
-                 n_boot: int, seed: int) -> list[dict[str, Any]]:
+def compare_task(
+    task: str, runs: pd.DataFrame, preds: dict[str, pd.DataFrame], *, n_boot: int, seed: int
+) -> list[dict[str, Any]]:
     """Every pair of FMs on one task: seed t-test and paired per-image test."""
     rows = []
     for fm_a, fm_b in combinations(sorted(preds), 2):
@@ -47,17 +48,31 @@ def compare_task(task: str, runs: pd.DataFrame, preds: dict[str, pd.DataFrame], 
             paired = delong_test(y, pa, pb)
             test = "DeLong (paired)"
         else:
-            paired = paired_bootstrap(y, pa, pb, n_boot=max(n_boot, 200), seed=seed,
-                                      cluster=merged["patient_id_a"].to_numpy())
+            paired = paired_bootstrap(
+                y,
+                pa,
+                pb,
+                n_boot=max(n_boot, 200),
+                seed=seed,
+                cluster=merged["patient_id_a"].to_numpy(),
+            )
             test = "paired bootstrap (patients)"
-        tt = seed_ttest(runs.loc[runs["fm"] == fm_a, "auroc"], runs.loc[runs["fm"] == fm_b, "auroc"])
-        rows.append({
-            "task": task, "fm_a": fm_a, "fm_b": fm_b,
-            "auroc_a": float(runs.loc[runs["fm"] == fm_a, "auroc"].mean()),
-            "auroc_b": float(runs.loc[runs["fm"] == fm_b, "auroc"].mean()),
-            "ensemble_diff": float(paired["diff"]), "paired_test": test,
-            "p_paired": float(paired["p"]), "p_seeds": float(tt["p"]),
-        })
+        tt = seed_ttest(
+            runs.loc[runs["fm"] == fm_a, "auroc"], runs.loc[runs["fm"] == fm_b, "auroc"]
+        )
+        rows.append(
+            {
+                "task": task,
+                "fm_a": fm_a,
+                "fm_b": fm_b,
+                "auroc_a": float(runs.loc[runs["fm"] == fm_a, "auroc"].mean()),
+                "auroc_b": float(runs.loc[runs["fm"] == fm_b, "auroc"].mean()),
+                "ensemble_diff": float(paired["diff"]),
+                "paired_test": test,
+                "p_paired": float(paired["p"]),
+                "p_seeds": float(tt["p"]),
+            }
+        )
     return rows
 
 
@@ -73,21 +88,30 @@ def significance_table(rows: list[dict[str, Any]], alpha: float) -> pd.DataFrame
     return table
 
 
-def pooled_factor_effects(preds: dict[tuple[str, str], pd.DataFrame], settings: Settings,
-                          factors: list[str]) -> pd.DataFrame:
+def pooled_factor_effects(
+    preds: dict[tuple[str, str], pd.DataFrame], settings: Settings, factors: list[str]
+) -> pd.DataFrame:
     """Factor analysis over all tasks at once (images keep their task in the id)."""
     by_fm: dict[str, list[pd.DataFrame]] = {}
     for (fm, task), frame in preds.items():
-        frame = frame.assign(image_id=task + "/" + frame["image_id"].astype(str),
-                             patient_id=task + "/" + frame["patient_id"].astype(str))
+        frame = frame.assign(
+            image_id=task + "/" + frame["image_id"].astype(str),
+            patient_id=task + "/" + frame["patient_id"].astype(str),
+        )
         binary = _to_binary(frame)
         by_fm.setdefault(fm, []).append(binary)
     age_bins = settings.evaluation.age_bins if "age" in settings.evaluation.factors else {}
-    stacked = {fm: add_groups(pd.concat(frames, ignore_index=True), age_bins)
-               for fm, frames in by_fm.items()}
+    stacked = {
+        fm: add_groups(pd.concat(frames, ignore_index=True), age_bins)
+        for fm, frames in by_fm.items()
+    }
     usable = [f for f in factors if all(f"group.{f}" in s.columns for s in stacked.values())]
-    return factor_effects(stacked, usable, alpha=settings.compare.alpha,
-                          min_group_size=settings.evaluation.min_group_size)
+    return factor_effects(
+        stacked,
+        usable,
+        alpha=settings.compare.alpha,
+        min_group_size=settings.evaluation.min_group_size,
+    )
 
 
 def _to_binary(frame: pd.DataFrame) -> pd.DataFrame:
@@ -109,14 +133,18 @@ def alignment(runs: pd.DataFrame, alpha: float, tasks: list[str]) -> dict[str, A
     return {"matrix": matrix, **summary}
 
 
-def fm_evaluation_tags(runs: pd.DataFrame, factors: list[str], eval_data: str,
-                       metric: str = "auroc") -> dict[str, dict[str, str]]:
+def fm_evaluation_tags(
+    runs: pd.DataFrame, factors: list[str], eval_data: str, metric: str = "auroc"
+) -> dict[str, dict[str, str]]:
     """``eval.*`` tags per FM, read by the promotion gates (see registry/promotion.py)."""
     tags: dict[str, dict[str, str]] = {}
     for fm, frame in runs.groupby("fm"):
         per_task = frame.groupby("task").mean(numeric_only=True)
-        t = {"eval.data": eval_data, f"eval.{metric}": f"{per_task[metric].mean():.5f}",
-             "eval.tasks": ",".join(sorted(per_task.index))}
+        t = {
+            "eval.data": eval_data,
+            f"eval.{metric}": f"{per_task[metric].mean():.5f}",
+            "eval.tasks": ",".join(sorted(per_task.index)),
+        }
         for factor in factors:
             worst, gap = f"worst/{metric}/{factor}", f"gap/{metric}/{factor}"
             undefined = f"n_undefined/{factor}"

@@ -32,8 +32,9 @@ def groupings(cfg: EvaluationSettings, preds: pd.DataFrame) -> list[str]:
     return names
 
 
-def evaluate_predictions(preds: pd.DataFrame, cfg: EvaluationSettings, *,
-                         seed: int = 0) -> RunEvaluation:
+def evaluate_predictions(
+    preds: pd.DataFrame, cfg: EvaluationSettings, *, seed: int = 0
+) -> RunEvaluation:
     age_bins = cfg.age_bins if "age" in cfg.factors and "age" in preds.columns else {}
     grouped = add_groups(preds, age_bins)
     y, probs = arrays(grouped)
@@ -42,11 +43,17 @@ def evaluate_predictions(preds: pd.DataFrame, cfg: EvaluationSettings, *,
     tables = [subgroup_table(grouped, f, min_group_size=cfg.min_group_size) for f in factors]
     summaries = [fairness_summary(t, overall["auroc"]) for t in tables]
     keys = metric_keys(overall, tables, summaries)
-    intervals = (bootstrap_intervals(grouped, factors, n_boot=cfg.n_boot, ci=cfg.ci, seed=seed)
-                 if cfg.n_boot else pd.DataFrame())
+    intervals = (
+        bootstrap_intervals(grouped, factors, n_boot=cfg.n_boot, ci=cfg.ci, seed=seed)
+        if cfg.n_boot
+        else pd.DataFrame()
+    )
     groups = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if len(intervals) and len(groups):
         auc = intervals[intervals["metric"] == "auroc"][["factor", "group", "lo", "hi"]]
-        groups = groups.merge(auc.rename(columns={"lo": "auroc_lo", "hi": "auroc_hi"}),
-                              on=["factor", "group"], how="left")
+        groups = groups.merge(
+            auc.rename(columns={"lo": "auroc_lo", "hi": "auroc_hi"}),
+            on=["factor", "group"],
+            how="left",
+        )
     return RunEvaluation(overall, groups, summaries, keys, intervals)
