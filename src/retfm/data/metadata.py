@@ -234,7 +234,7 @@ def _normalise(raw: pd.DataFrame, required: dict[str, str], out: _Collector) -> 
     empty = {col: df[col].eq("") for col in df.columns if col != "row"}
 
     for col in ("image_id", "patient_id", "label", "source_site", "filename"):
-        if col in df.columns:
+        if col in required:
             out.add(df, col, empty[col], EXPECTED["id" if col.endswith("_id") else "text"])
 
     if "path" in df.columns:
