@@ -218,6 +218,12 @@ def test_bad_task_raises(encoder_path: Path, mutate, message: str) -> None:  # n
         adapt(encoder_path, images, mutate(meta), PROBE, seed=0, progress=False)
 
 
+def test_missing_encoder_file_raises(tmp_path: Path) -> None:
+    images, meta = make_task(n=60)
+    with pytest.raises(FileNotFoundError, match="absent.safetensors: no such encoder file"):
+        adapt(tmp_path / "absent.safetensors", images, meta, PROBE, seed=0, progress=False)
+
+
 def test_feature_rows_must_match(encoder_path: Path) -> None:
     images, meta = make_task(n=60)
     with pytest.raises(ValueError, match="features have 59 rows but the task has 60"):

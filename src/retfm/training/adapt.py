@@ -257,6 +257,8 @@ def adapt(
     ``features`` (N, D), from :func:`extract_features`, lets the seeds of a linear probe share
     one encoder pass; fine-tuning ignores it. ``device`` defaults to CUDA when available.
     """
+    if not Path(encoder_path).is_file():
+        raise FileNotFoundError(f"{encoder_path}: no such encoder file (expected .safetensors)")
     task = _check_task(meta, len(images))
     dev = _device(device)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -468,7 +470,7 @@ def _finetune(
 
     def step(batch: np.ndarray) -> torch.Tensor:
         rows = np.sort(train_rows[batch])  # sorted: memory-mapped shards read forward
-        x = augment(prep.normalise(torch.from_numpy(images.take(rows))), gen).to(dev)
+        x = augment(prep.normalise(torch.from_numpy(images.take(rows))).to(dev), gen)
         return criterion(vit(x), torch.as_tensor(task.y[rows], device=dev))
 
     def validate() -> tuple[float, float]:
