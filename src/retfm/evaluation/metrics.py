@@ -51,7 +51,8 @@ def check_arrays(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.
 
 def positive_labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
     """Binary target for rate metrics: class 1 (binary) or any disease, label > 0 (multi-class)."""
-    return (np.asarray(y_true) > 0).astype(int) if n_classes > 2 else (np.asarray(y_true) == 1)
+    y = np.asarray(y_true)
+    return y > 0 if n_classes > 2 else y == 1
 
 
 def positive_scores(probs: np.ndarray) -> np.ndarray:
