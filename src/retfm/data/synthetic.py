@@ -260,18 +260,9 @@ def _walk_vessel(
             break
         if depth < 2 and i > 1 and rng.random() < 0.18:
             branch = angle + rng.choice((-1.0, 1.0)) * rng.uniform(0.45, 0.85)
-            _walk_vessel(
-                rng,
-                draw,
-                (x, y),
-                branch,
-                turn * 0.5,
-                max(2, int((steps - i) * 0.6)),
-                step_len * 0.85,
-                width * 0.65,
-                limit,
-                depth + 1,
-            )
+            rest = max(2, int((steps - i) * 0.6))
+            child = (branch, turn * 0.5, rest, step_len * 0.85, width * 0.65)
+            _walk_vessel(rng, draw, (x, y), *child, limit, depth + 1)
     draw.line(points, fill=255, width=max(1, round(width)), joint="curve")
 
 
@@ -350,30 +341,15 @@ def _draw_masks(
     d2 = (k * disc[0], k * disc[1])
     toward_macula = math.atan2(mac[1] - disc[1], mac[0] - disc[0])
     width = max(1.0, 0.05 * r2)
+    limit = (c2, c2, r2)
     for sign in (1.0, -1.0):  # temporal arcades arch around the macula
-        _walk_vessel(
-            rng,
-            draws[0],
-            d2,
-            toward_macula + sign * rng.uniform(0.85, 1.25),
-            -sign * rng.uniform(0.12, 0.18),
-            16,
-            0.1 * r2,
-            width,
-            (c2, c2, r2),
-        )
-    for sign in (1.0, -1.0):  # shorter nasal vessels
-        _walk_vessel(
-            rng,
-            draws[0],
-            d2,
-            toward_macula + math.pi + sign * rng.uniform(0.4, 1.0),
-            rng.normal(0.0, 0.05),
-            7,
-            0.1 * r2,
-            width * 0.8,
-            (c2, c2, r2),
-        )
+        angle = toward_macula + sign * rng.uniform(0.85, 1.25)
+        turn = -sign * rng.uniform(0.12, 0.18)
+        _walk_vessel(rng, draws[0], d2, angle, turn, 16, 0.1 * r2, width, limit)
+    for sign in (1.0, -1.0):  # shorter, straighter nasal vessels
+        angle = toward_macula + math.pi + sign * rng.uniform(0.4, 1.0)
+        turn = rng.normal(0.0, 0.05)
+        _walk_vessel(rng, draws[0], d2, angle, turn, 7, 0.1 * r2, width * 0.8, limit)
 
     healthy = severity <= 0.0
     # Healthy eyes get the odd drusen-like spot or small bleed too: signs are evidence, not proof.
