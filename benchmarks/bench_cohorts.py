@@ -1,16 +1,19 @@
 """Benchmark: sample two paper-size cohorts (904,170-row site pools) and validate their metadata.
 
-Steps, each timed (wall seconds) with the process's peak RSS after it (ru_maxrss) and the peak
-Python-heap growth during it (tracemalloc; numpy buffers are included, pandas' Arrow buffers are
-not, hence both numbers):
+Steps, each timed (wall seconds) with the process's peak RSS so far (ru_maxrss) and its growth
+during the step; ``--heap`` adds tracemalloc's Python-heap peak (it slows every step ~3x, so it
+is off by default):
 
-1. generate two site pools (numpy, vectorised; hospital-like and screening-like populations),
-2. validate each pool with the project's site-metadata suite (``retfm.validation``), if present,
-3. sample each site's cohort, strategies ``matched`` and ``random``,
-4. the obvious alternative, as a ratio: pandas ``groupby().sample`` of patients, and a per-patient
-   Python loop (timed on a subset and scaled linearly, since the full loop takes minutes).
+1. generate two site pools (numpy, vectorised; hospital-like and screening-like populations);
+   not part of the pipeline, so not in the total,
+2. validate each pool with the project's site-metadata suite
+   (``retfm.validation.runner.run_site_suite``: Great Expectations, no image checks),
+3. sample each site's cohort, strategies ``matched`` and ``random``, and compare the two sites,
+4. the obvious alternatives, as a ratio to ``sample_cohort`` on the same subset of patients:
+   pandas ``groupby().sample`` and a per-patient Python loop (full-pool times of the alternatives
+   are estimated linearly from the subset: both take minutes at full size on a shared machine).
 
-Targets (DESIGN): whole run <= 10 s and <= 2 GiB on 2 cores. Run:
+Targets (DESIGN): steps 2-3 <= 10 s and <= 2 GiB on 2 cores. Run from the repo root:
 ``.venv/bin/python benchmarks/bench_cohorts.py [--rows 904170] [--size 400000]``.
 """
 
@@ -18,9 +21,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import inspect
 import json
+import os
 import platform
 import resource
 import sys
@@ -35,11 +37,13 @@ import pandas as pd
 
 from retfm.cohorts import sample_cohort
 from retfm.cohorts.balance import balance_report
+from retfm.settings import load_settings
 
 ROWS = 904_170
 AGE_EDGES = [40.0, 60.0, 80.0]
 BALANCE_ON = ["age_band", "sex"]
-RESULTS = Path(__file__).parent / "results" / "bench_cohorts.json"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "bench_cohorts.json"
 
 # site -> (age mean, age sd, share female, ethnicity shares, cameras)
 POPULATIONS: dict[str, dict[str, Any]] = {
@@ -103,23 +107,22 @@ def make_site_pool(site: str, rows: int, seed: int) -> pd.DataFrame:
     return frame
 
 
-def timed(step: str, fn: Callable[[], Any], table: list[dict[str, Any]]) -> Any:
+def timed(step: str, fn: Callable[[], Any], table: list[dict[str, Any]], heap: bool) -> Any:
     gc.collect()
-    tracemalloc.start()
+    rss_before = _rss_peak_mib()
+    if heap:
+        tracemalloc.start()
     start = time.perf_counter()
     out = fn()
     wall = time.perf_counter() - start
-    _, heap_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    table.append(
-        {
-            "step": step,
-            "wall_s": round(wall, 3),
-            "heap_peak_mib": round(heap_peak / 2**20, 1),
-            "rss_peak_mib": round(_rss_peak_mib(), 1),
-        }
-    )
-    print(f"  {step:<46} {wall:8.3f} s  heap {heap_peak / 2**20:7.1f} MiB", flush=True)
+    row = {"step": step, "wall_s": round(wall, 3)}
+    if heap:
+        row["heap_peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+        tracemalloc.stop()
+    row["rss_peak_mib"] = round(_rss_peak_mib(), 1)
+    row["rss_growth_mib"] = round(row["rss_peak_mib"] - rss_before, 1)
+    table.append(row)
+    print(f"  {step:<48} {wall:8.3f} s  RSS peak {row['rss_peak_mib']:8.1f} MiB", flush=True)
     return out
 
 
@@ -128,38 +131,19 @@ def _rss_peak_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def find_site_validator() -> tuple[str, Callable[[pd.DataFrame, str], Any]] | None:
-    """The other helper's site-metadata suite runner, if it exists yet (looked up by name)."""
-    candidates = [
-        (
-            "retfm.validation.metadata",
-            ("validate_site_metadata", "validate_site", "run_site_suite"),
-        ),
-        ("retfm.validation.suites", ("validate_site_metadata", "validate_site", "run_site_suite")),
-        ("retfm.validation", ("validate_site_metadata", "validate_site", "run_site_suite")),
-    ]
-    for module_name, names in candidates:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        for name in names:
-            fn = getattr(module, name, None)
-            if callable(fn):
-                return f"{module_name}.{name}", _adapt_validator(fn)
-    return None
-
-
-def _adapt_validator(fn: Callable[..., Any]) -> Callable[[pd.DataFrame, str], Any]:
-    params = inspect.signature(fn).parameters
+def site_validator() -> Callable[[pd.DataFrame, str], Any] | None:
+    """The validation helper's in-memory site suite, or None where it is not importable."""
+    try:
+        from retfm.validation.runner import run_site_suite
+    except ImportError:
+        return None
+    settings = load_settings(ROOT / "params.yaml")
 
     def run(frame: pd.DataFrame, site: str) -> Any:
-        kwargs: dict[str, Any] = {}
-        if "site" in params:
-            kwargs["site"] = site
-        if "check_images" in params:
-            kwargs["check_images"] = False
-        return fn(frame, **kwargs)
+        result = run_site_suite(frame, settings, name=site)
+        if not result.success:
+            raise RuntimeError(f"benchmark pool {site!r} failed validation: {result}")
+        return result
 
     return run
 
@@ -196,31 +180,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--size", type=int, default=400_000, help="cohort images per site")
-    parser.add_argument("--loop-subset", type=int, default=60_000)
+    parser.add_argument("--subset", type=int, default=90_000, help="rows for the alternatives")
+    parser.add_argument("--heap", action="store_true", help="also trace the Python heap")
     args = parser.parse_args()
     table: list[dict[str, Any]] = []
-    print(f"bench_cohorts: {args.rows:,} rows per site, cohorts of {args.size:,} images")
 
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        return timed(name, fn, table, args.heap)
+
+    print(f"bench_cohorts: {args.rows:,} rows per site, cohorts of {args.size:,} images")
     pools = {
-        site: timed(f"generate {site}", lambda s=site, i=i: make_site_pool(s, args.rows, i), table)
+        site: step(f"generate {site}", lambda s=site, i=i: make_site_pool(s, args.rows, i))
         for i, site in enumerate(POPULATIONS)
     }
-    validator = find_site_validator()
-    if validator:
-        name, run = validator
-        for site, pool in pools.items():
-            timed(
-                f"validate {site} ({name.rsplit('.', 1)[-1]})",
-                lambda p=pool, s=site: run(p, s),
-                table,
-            )
+    validate = site_validator()
+    if validate is None:
+        print("  (retfm.validation.runner.run_site_suite not importable: timing sampling only)")
     else:
-        print("  (no site-metadata validation suite in retfm.validation yet: timing sampling only)")
+        for site, pool in pools.items():
+            step(f"validate {site} (GX site suite)", lambda p=pool, s=site: validate(p, s))
 
     cohorts: dict[str, dict[str, pd.DataFrame]] = {}
     for strategy in ("matched", "random"):
         for site, pool in pools.items():
-            result = timed(
+            result = step(
                 f"sample {site} {strategy}",
                 lambda p=pool, s=site, st=strategy: sample_cohort(
                     p,
@@ -232,65 +215,62 @@ def main() -> None:
                     age_edges=AGE_EDGES,
                     pools=pools,
                 ),
-                table,
             )
             cohorts.setdefault(strategy, {})[site] = result.cohort
-    balance = {
-        strategy: timed(
+    smd = {
+        strategy: step(
             f"balance report {strategy}",
             lambda c=c: balance_report(c, ["age", *BALANCE_ON], AGE_EDGES),
-            table,
         )["max_abs_smd"]
         for strategy, c in cohorts.items()
     }
+    pipeline_wall = sum(r["wall_s"] for r in table if not r["step"].startswith("generate"))
+    pipeline_rss = _rss_peak_mib()
 
     pool = pools["hospital"]
-    timed("alt: groupby().sample hospital", lambda: groupby_sample(pool, args.size, 0), table)
-    subset_patients = (
-        pool["patient_id"].drop_duplicates().sort_values().iloc[: args.loop_subset // 3]
-    )
-    subset = pool[pool["patient_id"].isin(set(subset_patients))]
-    sub_size = len(subset) // 2
-    timed(
-        f"alt: python loop ({len(subset):,} rows)", lambda: loop_sample(subset, sub_size, 0), table
-    )
-    timed(
-        f"ours on same subset ({len(subset):,} rows)",
-        lambda: sample_cohort(subset, site="hospital", size=sub_size, seed=0),
-        table,
-    )
+    keep = pool["patient_id"].drop_duplicates().sort_values().iloc[: args.subset // 3]
+    subset = pool[pool["patient_id"].isin(set(keep))].reset_index(drop=True)
+    size = len(subset) // 2
+    label = f"({len(subset):,} rows)"
+    step(f"subset: ours random {label}", lambda: sample_cohort(subset, site="h", size=size))
+    step(f"subset: groupby().sample {label}", lambda: groupby_sample(subset, size, 0))
+    step(f"subset: python loop {label}", lambda: loop_sample(subset, size, 0))
 
     by_step = {row["step"]: row["wall_s"] for row in table}
-    ours_random = by_step["sample hospital random"]
-    ours_subset = table[-1]["wall_s"]
-    loop_subset = table[-2]["wall_s"]
+    ours_sub = by_step[f"subset: ours random {label}"]
+    scale = args.rows / len(subset)
     summary = {
         "rows_per_site": args.rows,
         "cohort_size": args.size,
-        "validation": validator[0] if validator else None,
-        "total_wall_s": round(
-            sum(r["wall_s"] for r in table if not r["step"].startswith(("alt", "ours"))), 3
-        ),
+        "validation": "retfm.validation.runner.run_site_suite" if validate else None,
+        "pipeline_wall_s": round(pipeline_wall, 3),
+        "pipeline_peak_rss_mib": round(pipeline_rss, 1),
         "sampling_wall_s": round(sum(v for k, v in by_step.items() if k.startswith("sample ")), 3),
-        "peak_rss_mib": round(_rss_peak_mib(), 1),
-        "ratio_groupby_over_ours": round(
-            by_step["alt: groupby().sample hospital"] / ours_random, 2
+        "subset_rows": len(subset),
+        "ratio_groupby_over_ours_subset": round(
+            by_step[f"subset: groupby().sample {label}"] / ours_sub, 2
         ),
-        "ratio_loop_over_ours_same_subset": round(loop_subset / ours_subset, 2),
-        "loop_full_pool_estimate_s": round(loop_subset * args.rows / len(subset), 1),
-        "max_abs_smd_between_sites": balance,
+        "ratio_loop_over_ours_subset": round(by_step[f"subset: python loop {label}"] / ours_sub, 2),
+        "full_pool_estimate_s": {
+            "groupby_sample": round(by_step[f"subset: groupby().sample {label}"] * scale, 1),
+            "python_loop": round(by_step[f"subset: python loop {label}"] * scale, 1),
+            "ours_measured": by_step["sample hospital random"],
+        },
+        "max_abs_smd_between_sites": smd,
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "machine": {
             "python": platform.python_version(),
-            "cpus": _cpus(),
+            "cpus": len(os.sched_getaffinity(0)),
             "numpy": np.__version__,
             "pandas": pd.__version__,
         },
     }
     print()
-    print(f"{'step':<48}{'wall s':>9}{'heap MiB':>10}{'RSS MiB':>10}")
+    print(f"{'step':<50}{'wall s':>9}{'RSS peak MiB':>14}{'RSS +MiB':>10}")
     for row in table:
         print(
-            f"{row['step']:<48}{row['wall_s']:>9.3f}{row['heap_peak_mib']:>10.1f}{row['rss_peak_mib']:>10.1f}"
+            f"{row['step']:<50}{row['wall_s']:>9.3f}{row['rss_peak_mib']:>14.1f}"
+            f"{row['rss_growth_mib']:>10.1f}"
         )
     print()
     for key, value in summary.items():
@@ -298,12 +278,6 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"steps": table, "summary": summary}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
 if __name__ == "__main__":

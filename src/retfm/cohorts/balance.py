@@ -145,7 +145,9 @@ def _prepare(
     for var in variables:
         if var not in (AGE, AGE_BAND):
             out[var] = frame[var].astype("string").fillna(UNKNOWN)
-    return out
+    # Categorical dtype: counts and joint strata then group small integer codes, not strings.
+    cats = [c for c in out.columns if c not in (AGE, "patient_id")]
+    return out.astype(dict.fromkeys(cats, "category"))
 
 
 def _pair(
@@ -196,7 +198,8 @@ def _shares(values: pd.Series) -> pd.Series:
 
 def _counts(values: pd.Series, order: list[str] | None = None) -> dict[str, int]:
     """Counts per level; levels in ``order`` always appear (0 when absent), in that order."""
-    counts = values.astype(str).value_counts()
+    counts = values.value_counts()
+    counts.index = counts.index.astype(str)
     order = order or []
     keys = [*order, *sorted(k for k in counts.index if k not in set(order))]
     return {str(k): int(counts.get(k, 0)) for k in keys}

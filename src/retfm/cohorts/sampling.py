@@ -323,8 +323,23 @@ def _patient_strata(
     if strategy == "random":
         return np.zeros(index.n_patients, dtype=np.int64), [()]
     table = _patient_table(pool, index.codes, index.n_patients, balance_on, age_edges, site)
-    codes, uniques = pd.MultiIndex.from_frame(table).factorize(sort=True)
-    return codes.astype(np.int64), [tuple(map(str, u)) for u in uniques]
+    return _combine(table)
+
+
+def _combine(table: pd.DataFrame) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """Joint stratum code per row and the sorted value tuples (integer work, no MultiIndex)."""
+    codes, levels = [], []
+    for col in table.columns:
+        c, u = pd.factorize(table[col], sort=True)
+        codes.append(c)
+        levels.append([str(v) for v in u])
+    flat = np.ravel_multi_index(codes, [len(u) for u in levels])
+    present, inverse = np.unique(flat, return_inverse=True)
+    parts = np.unravel_index(present, [len(u) for u in levels])
+    strata = [
+        tuple(levels[j][parts[j][i]] for j in range(len(levels))) for i in range(len(present))
+    ]
+    return inverse.astype(np.int64), strata
 
 
 def _patient_table(
@@ -388,9 +403,9 @@ def _matched_shares(
         else:
             codes, n_patients, counts = index.codes, index.n_patients, index.counts
         table = _patient_table(pool, codes, n_patients, balance_on, age_edges, name)
-        images = table.assign(_n=counts).groupby(balance_on, sort=True)["_n"].sum()
-        keys = [tuple(map(str, k if isinstance(k, tuple) else (k,))) for k in images.index]
-        per_site[name] = pd.Series(images.to_numpy() / images.sum(), index=keys)
+        stratum, keys = _combine(table)
+        images = np.bincount(stratum, weights=counts, minlength=len(keys))
+        per_site[name] = pd.Series(images / images.sum(), index=keys)
     shares = pd.concat(per_site, axis=1).fillna(0.0)
     floor = shares.min(axis=1)
     if floor.sum() <= 0:
