@@ -1,6 +1,7 @@
 """Benchmark: sample two paper-size cohorts (904,170-row site pools) and validate their metadata.
 
-Steps, each timed (wall seconds) with the process's peak RSS so far (ru_maxrss) and its growth
+Steps, each timed (wall and process-CPU seconds: on a shared machine CPU time is the steadier
+number) with the process's peak RSS so far (ru_maxrss) and its growth
 during the step; ``--heap`` adds tracemalloc's Python-heap peak (it slows every step ~3x, so it
 is off by default):
 
@@ -112,10 +113,14 @@ def timed(step: str, fn: Callable[[], Any], table: list[dict[str, Any]], heap: b
     rss_before = _rss_peak_mib()
     if heap:
         tracemalloc.start()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = fn()
     wall = time.perf_counter() - start
-    row = {"step": step, "wall_s": round(wall, 3)}
+    row = {
+        "step": step,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(time.process_time() - cpu_start, 3),
+    }
     if heap:
         row["heap_peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
         tracemalloc.stop()
@@ -225,6 +230,7 @@ def main() -> None:
         for strategy, c in cohorts.items()
     }
     pipeline_wall = sum(r["wall_s"] for r in table if not r["step"].startswith("generate"))
+    pipeline_cpu = sum(r["cpu_s"] for r in table if not r["step"].startswith("generate"))
     pipeline_rss = _rss_peak_mib()
 
     pool = pools["hospital"]
@@ -244,6 +250,7 @@ def main() -> None:
         "cohort_size": args.size,
         "validation": "retfm.validation.runner.run_site_suite" if validate else None,
         "pipeline_wall_s": round(pipeline_wall, 3),
+        "pipeline_cpu_s": round(pipeline_cpu, 3),
         "pipeline_peak_rss_mib": round(pipeline_rss, 1),
         "sampling_wall_s": round(sum(v for k, v in by_step.items() if k.startswith("sample ")), 3),
         "subset_rows": len(subset),
@@ -266,10 +273,10 @@ def main() -> None:
         },
     }
     print()
-    print(f"{'step':<50}{'wall s':>9}{'RSS peak MiB':>14}{'RSS +MiB':>10}")
+    print(f"{'step':<50}{'wall s':>9}{'CPU s':>8}{'RSS peak MiB':>14}{'RSS +MiB':>10}")
     for row in table:
         print(
-            f"{row['step']:<50}{row['wall_s']:>9.3f}{row['rss_peak_mib']:>14.1f}"
+            f"{row['step']:<50}{row['wall_s']:>9.3f}{row['cpu_s']:>8.3f}{row['rss_peak_mib']:>14.1f}"
             f"{row['rss_growth_mib']:>10.1f}"
         )
     print()
