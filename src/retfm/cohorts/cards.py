@@ -333,7 +333,7 @@ def _markdown(card: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     images = card.get("images")
     if images:
         names = ("width", "height", "brightness", "contrast", "sharpness")
-        rows = [
+        stats: list[tuple[Any, ...]] = [
             (n, images[n]["mean"], images[n]["sd"], images[n]["min"], images[n]["max"])
             for n in names
         ]
@@ -344,7 +344,7 @@ def _markdown(card: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             f"{images['readable']} readable, {images['unreadable']['count']} unreadable; "
             f"quality measured at <= {images['analysis_side']} px.",
             "",
-            _table(["measure", "mean", "sd", "min", "max"], rows),
+            _table(["measure", "mean", "sd", "min", "max"], stats),
             "",
         ]
         if images["unreadable"]["examples"]:
@@ -366,11 +366,11 @@ def _sampling_markdown(card: Mapping[str, Any]) -> list[str]:
         ]
         lines += [_table(["stratum", "eligible", "target share", "quota", "chosen"], rows), ""]
     for pair in report.get("balance", {}).get("pairs", []):
-        rows = [(var, v["smd"]) for var, v in pair["smd"].items()]
+        smds: list[tuple[Any, ...]] = [(var, v["smd"]) for var, v in pair["smd"].items()]
         lines += [
             f"Balance, {pair['a']} vs {pair['b']} (SMD):",
             "",
-            _table(["variable", "SMD"], rows),
+            _table(["variable", "SMD"], smds),
             "",
         ]
     lines += [
