@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -216,17 +217,36 @@ class _Collector:
         ]
 
 
-def _parse_age(text: pd.Series) -> pd.Series:
+def _per_value(text: pd.Series, rule: Callable[[pd.Series], pd.Series]) -> pd.Series:
+    """Apply ``rule`` once per distinct value, not once per row.
+
+    Demographic columns hold few distinct values (ages, sexes, categories), so a regex or a
+    lookup on the distinct values and a gather back is many times faster on a million rows.
+    """
+    codes, uniques = pd.factorize(text)
+    mapped = rule(pd.Series(uniques, dtype="str"))
+    return pd.Series(mapped.to_numpy()[codes], index=text.index, dtype=mapped.dtype)
+
+
+def _age_rule(text: pd.Series) -> pd.Series:
     number = text.str.extract(_AGE, expand=False)
     return pd.to_numeric(number, errors="coerce").astype("float64")
 
 
+def _parse_age(text: pd.Series) -> pd.Series:
+    return _per_value(text, _age_rule)
+
+
 def _map_codes(text: pd.Series, codes: dict[str, str]) -> pd.Series:
-    return text.str.lower().map(codes)
+    return _per_value(text, lambda u: u.str.lower().map(codes).astype("str"))
 
 
-def _fold(text: pd.Series) -> pd.Series:
-    return text.str.lower().str.replace(r"[\s_\-]+", " ", regex=True)
+def _map_ethnicity(text: pd.Series) -> pd.Series:
+    def rule(u: pd.Series) -> pd.Series:
+        folded = u.str.lower().str.replace(r"[\s_\-]+", " ", regex=True)
+        return folded.map(ETHNICITY_SYNONYMS).astype("str")
+
+    return _per_value(text, rule)
 
 
 def _normalise(raw: pd.DataFrame, required: dict[str, str], out: _Collector) -> pd.DataFrame:
@@ -258,7 +278,7 @@ def _normalise(raw: pd.DataFrame, required: dict[str, str], out: _Collector) -> 
         df["sex"] = sex
 
     if "ethnicity" in df.columns:
-        eth = _fold(df["ethnicity"]).map(ETHNICITY_SYNONYMS)
+        eth = _map_ethnicity(df["ethnicity"])
         out.add(df, "ethnicity", eth.isna() & ~empty["ethnicity"], EXPECTED["ethnicity"])
         df["ethnicity"] = eth.where(~empty["ethnicity"], "unknown")
 
@@ -284,6 +304,16 @@ def _check_single_line(csv_path: Path, raw: pd.DataFrame, out: _Collector) -> No
         out.add(raw, col, raw[col].str.contains("\n", regex=False), EXPECTED["single_line"])
 
 
+def _exact_duplicates(cells: pd.DataFrame) -> pd.Series:
+    """Rows equal in every cell to an earlier row; only rows sharing a first cell can be."""
+    first = cells.iloc[:, 0]
+    candidates = first.duplicated(keep=False)
+    duplicate = pd.Series(False, index=cells.index)
+    if candidates.any():
+        duplicate[candidates] = cells[candidates].duplicated()
+    return duplicate
+
+
 def _read(csv_path: Path, required: dict[str, str], what: str) -> pd.DataFrame:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -302,7 +332,7 @@ def _read(csv_path: Path, required: dict[str, str], what: str) -> pd.DataFrame:
 
     cells = raw.drop(columns="row")
     blank = cells.eq("").all(axis=1)
-    duplicate = cells.duplicated() & ~blank
+    duplicate = _exact_duplicates(cells) & ~blank
     kept = raw.loc[~blank & ~duplicate].reset_index(drop=True)
 
     out = _Collector(csv_path)

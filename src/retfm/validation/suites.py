@@ -46,18 +46,22 @@ def known_source_sites(settings: Settings) -> list[str]:
     return sorted(names)
 
 
-def _columns(suite: gx.ExpectationSuite, columns: dict[str, str], required: bool) -> None:
+Rules = list[gxe.Expectation]
+
+
+def _columns(columns: dict[str, str], required: bool) -> Rules:
+    rules: Rules = []
     for col, kind in columns.items():
         if required:
-            suite.add_expectation(gxe.ExpectColumnToExist(column=col))
-            suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col))
-        suite.add_expectation(gxe.ExpectColumnValuesToBeOfType(column=col, type_=_GX_TYPE[kind]))
+            rules.append(gxe.ExpectColumnToExist(column=col))
+            rules.append(gxe.ExpectColumnValuesToNotBeNull(column=col))
+        rules.append(gxe.ExpectColumnValuesToBeOfType(column=col, type_=_GX_TYPE[kind]))
+    return rules
 
 
-def _values(suite: gx.ExpectationSuite, settings: Settings, present: Iterable[str]) -> None:
-    present = set(present)
+def _values(settings: Settings, present: Iterable[str]) -> Rules:
     v = settings.validation
-    rules = {
+    by_column = {
         "age": gxe.ExpectColumnValuesToBeBetween(
             column="age", min_value=v.age_min, max_value=v.age_max
         ),
@@ -67,13 +71,25 @@ def _values(suite: gx.ExpectationSuite, settings: Settings, present: Iterable[st
         ),
         "eye": gxe.ExpectColumnValuesToBeInSet(column="eye", value_set=EYE_VALUES),
     }
-    for col, rule in rules.items():
-        if col in present:
-            suite.add_expectation(rule)
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="image_id"))
-    suite.add_expectation(
-        gxe.ExpectColumnValuesToNotMatchRegex(column="path", regex=ESCAPING_PATH_REGEX)
-    )
+    wanted = set(present)
+    rules: Rules = [rule for col, rule in by_column.items() if col in wanted]
+    rules.append(gxe.ExpectColumnValuesToBeUnique(column="image_id"))
+    rules.append(gxe.ExpectColumnValuesToNotMatchRegex(column="path", regex=ESCAPING_PATH_REGEX))
+    return rules
+
+
+def _image_rules(settings: Settings, images: bool | None) -> Rules:
+    wanted = settings.validation.check_images if images is None else images
+    return [gxe.ExpectColumnValuesToBeNull(column=IMAGE_PROBLEM)] if wanted else []
+
+
+def _site_rules(settings: Settings, optional: Iterable[str]) -> Rules:
+    optional = [c for c in optional if c in schema.SITE_OPTIONAL]
+    return [
+        *_columns(schema.SITE_REQUIRED, required=True),
+        *_columns({c: schema.SITE_OPTIONAL[c] for c in optional}, required=False),
+        *_values(settings, [*schema.SITE_REQUIRED, *optional]),
+    ]
 
 
 def site_suite(
@@ -88,14 +104,8 @@ def site_suite(
     ``optional`` names the optional columns the table has, whose values are then checked too;
     ``images`` (default: ``validation.check_images``) adds the rule that ``image_problem`` is null.
     """
-    suite = gx.ExpectationSuite(name=name)
-    _columns(suite, schema.SITE_REQUIRED, required=True)
-    optional = [c for c in optional if c in schema.SITE_OPTIONAL]
-    _columns(suite, {c: schema.SITE_OPTIONAL[c] for c in optional}, required=False)
-    _values(suite, settings, [*schema.SITE_REQUIRED, *optional])
-    if settings.validation.check_images if images is None else images:
-        suite.add_expectation(gxe.ExpectColumnValuesToBeNull(column=IMAGE_PROBLEM))
-    return suite
+    rules = [*_site_rules(settings, optional), *_image_rules(settings, images)]
+    return gx.ExpectationSuite(name=name, expectations=rules)
 
 
 def task_suite(
@@ -112,30 +122,24 @@ def task_suite(
     then checked too. Needs the ``patient_in_several_splits`` column (:func:`with_split_leakage`)
     and, with ``images`` (default: ``validation.check_images``), ``image_problem``.
     """
-    suite = gx.ExpectationSuite(name=name)
-    _columns(suite, schema.TASK_REQUIRED, required=True)
     optional = [c for c in optional if c in schema.TASK_OPTIONAL]
-    _columns(suite, {c: schema.TASK_OPTIONAL[c] for c in optional}, required=False)
-    _values(suite, settings, optional)
-    split = list(schema.SPLITS)
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=split))
-    suite.add_expectation(
-        gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=split)
-    )
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)))
-    suite.add_expectation(
-        gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=list(classes))
-    )
-    suite.add_expectation(gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2))
-    suite.add_expectation(
+    split, classes = list(schema.SPLITS), list(classes)
+    rules = [
+        *_columns(schema.TASK_REQUIRED, required=True),
+        *_columns({c: schema.TASK_OPTIONAL[c] for c in optional}, required=False),
+        *_values(settings, optional),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=split),
+        gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=split),
+        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=classes),
+        gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=classes),
+        gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2),
         gxe.ExpectColumnValuesToBeInSet(
             column="source_site", value_set=known_source_sites(settings)
-        )
-    )
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=SEVERAL_SPLITS, value_set=[False]))
-    if settings.validation.check_images if images is None else images:
-        suite.add_expectation(gxe.ExpectColumnValuesToBeNull(column=IMAGE_PROBLEM))
-    return suite
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column=SEVERAL_SPLITS, value_set=[False]),
+        *_image_rules(settings, images),
+    ]
+    return gx.ExpectationSuite(name=name, expectations=rules)
 
 
 def cohort_suite(
@@ -146,22 +150,20 @@ def cohort_suite(
     Needs the ``patient_in_heldout`` column (:func:`with_heldout_flag`). Images were checked
     with the site pool, so they are not checked again.
     """
-    suite = site_suite(settings, name, optional=optional, images=False)
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=IN_HELDOUT, value_set=[False]))
-    return suite
+    rules = [
+        *_site_rules(settings, optional),
+        gxe.ExpectColumnValuesToBeInSet(column=IN_HELDOUT, value_set=[False]),
+    ]
+    return gx.ExpectationSuite(name=name, expectations=rules)
 
 
 def mix_suite(settings: Settings, name: str = "cohort_mix") -> gx.ExpectationSuite:
     """Rules on the table of :func:`mix_table`: each group's share close to the pool's."""
-    suite = gx.ExpectationSuite(name=name)
-    suite.add_expectation(
-        gxe.ExpectColumnValuesToBeBetween(
-            column="abs_difference",
-            min_value=0.0,
-            max_value=settings.validation.distribution_tolerance,
-        )
+    tolerance = settings.validation.distribution_tolerance
+    rule = gxe.ExpectColumnValuesToBeBetween(
+        column="abs_difference", min_value=0.0, max_value=tolerance
     )
-    return suite
+    return gx.ExpectationSuite(name=name, expectations=[rule])
 
 
 def task_classes(df: pd.DataFrame) -> list[str]:
