@@ -221,6 +221,17 @@ def _init_from(model: MaskedAutoencoder, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
+def build_optimizer(
+    model: MaskedAutoencoder, cfg: PretrainSettings, lr: float
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: biases, norms, tokens and position
+    tables are exempt (timm's grouping), as decaying them only shrinks useful offsets."""
+    groups = param_groups_weight_decay(
+        model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay()
+    )
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+
+
 def _check_inputs(images: ImageSource, arch: ModelPreset, prep: Preprocessing) -> int:
     n = len(images)
     if n == 0:
@@ -307,10 +318,7 @@ class _Trainer:
         if cfg.init_from:
             _init_from(self.model, Path(cfg.init_from))
         self.model.to(ctx.device)
-        groups = param_groups_weight_decay(
-            self.model, cfg.weight_decay, no_weight_decay_list=self.model.no_weight_decay()
-        )
-        self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=cfg.betas)
+        self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history: list[tuple[int, int, float, float]] = []
         self._resume()
