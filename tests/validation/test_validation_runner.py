@@ -3,6 +3,7 @@ import json
 import pandas as pd
 import pytest
 
+from retfm.data.importer import import_folder_layout
 from retfm.validation.report import ValidationFailed
 from retfm.validation.runner import validate_cohort, validate_raw
 
@@ -20,6 +21,7 @@ def test_valid_data_passes_and_writes_tables_report_and_docs(make_data, tmp_path
     ]
     site = pd.read_parquet(out / "sites" / "hospital.parquet")
     assert len(site) == 8 and "row" in site.columns and "image_problem" not in site.columns
+    assert str(tmp_path).encode() not in (out / "sites" / "hospital.parquet").read_bytes()
     task = pd.read_parquet(out / "tasks" / "hospital_dr.parquet")
     assert set(task["split"]) == {"train", "val", "test"}
     assert json.loads((out / "report.json").read_text())["success"] is True
@@ -136,3 +138,20 @@ def test_cohort_validation(tmp_path, settings):
     text = str(info.value)
     assert "[FAIL] cohort.hospital" in text and "row 5 = True" in text
     assert "[FAIL] cohort_mix.hospital" in text and "age_band=" in text
+
+
+def test_imported_public_layout_validates_as_a_task(make_data, tmp_path, settings, png):
+    layout = tmp_path / "public_set"
+    for i, (split, label) in enumerate(
+        [("train", "a"), ("train", "b"), ("val", "a"), ("test", "b")]
+    ):
+        png(layout / split / label / f"img{i}.png", seed=i)
+    data = make_data()
+    task_dir = data / "tasks" / "hospital_dr"
+    for old in [task_dir / "metadata.csv", *task_dir.rglob("*.png")]:
+        old.unlink()
+    import_folder_layout(layout, task_dir, source_site="public")
+    report = validate_raw(settings, data, tmp_path / "out")
+    assert report.success, report.summary_text()
+    task = pd.read_parquet(tmp_path / "out" / "tasks" / "hospital_dr.parquet")
+    assert sorted(task["label"]) == ["a", "a", "b", "b"]

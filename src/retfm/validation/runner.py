@@ -184,7 +184,8 @@ def _check_table(
 def validate_raw(settings: Settings, data_root: Path, out_dir: Path) -> ValidationReport:
     """Validate every site and task of the study under ``data_root`` (the ``data/`` folder).
 
-    Writes ``out_dir/report.json`` and ``out_dir/data_docs/`` always; the normalised tables
+    Writes ``out_dir/report.json`` and ``out_dir/data_docs/`` always (a CSV that cannot be read
+    appears in the report only, as no GX suite ran on it); the normalised tables
     ``out_dir/sites/<site>.parquet`` and ``out_dir/tasks/<task>.parquet`` only when everything
     passed (stale ones are removed otherwise). Raises :class:`ValidationFailed` on any failure.
     """
@@ -202,10 +203,17 @@ def validate_raw(settings: Settings, data_root: Path, out_dir: Path) -> Validati
         tables[out_dir / kind / f"{name}.parquet"] = df
     _finish(report, runner, out_dir)
     for path, df in tables.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
         assert df is not None  # every table read, or _finish raised
-        df.to_parquet(path, index=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # no attrs: they hold this machine's paths, and DVC should hash the data alone
+        _without_attrs(df).to_parquet(path, index=False)
     return report
+
+
+def _without_attrs(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy(deep=False)
+    df.attrs = {}
+    return df
 
 
 def _finish(report: ValidationReport, runner: SuiteRunner, out_dir: Path) -> None:
