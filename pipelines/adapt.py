@@ -46,21 +46,34 @@ def main(fm: str, task: str) -> None:
     parent = tracking.study_parent_run(settings)
     out = outputs / "adapt" / fm / task
     out.mkdir(parents=True, exist_ok=True)
-    tags = {"fm.site": fm, "fm.model": registration["name"], "fm.version": registration["version"],
-            "task": task, "task.site": task_site, "aligned": str(fm == task_site).lower(),
-            "adaptation": cfg.method, "stage": "adapt"}
+    tags = {
+        "fm.site": fm,
+        "fm.model": registration["name"],
+        "fm.version": registration["version"],
+        "task": task,
+        "task.site": task_site,
+        "aligned": str(fm == task_site).lower(),
+        "adaptation": cfg.method,
+        "stage": "adapt",
+    }
     frames, runs, best = [], {}, None
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         result = adapt(weights, images, meta, cfg, seed=seed, features=features)
-        with tracking.run(settings, "adapt", name=f"{fm}->{task} s{seed}",
-                          tags={**tags, "seed": str(seed)}, parent_run_id=parent) as active:
+        with tracking.run(
+            settings,
+            "adapt",
+            name=f"{fm}->{task} s{seed}",
+            tags={**tags, "seed": str(seed)},
+            parent_run_id=parent,
+        ) as active:
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items() if k != "seeds"})
             mlflow.log_params({"seed": seed, "classes": ",".join(result.classes)})
             for epoch, score in enumerate(result.val_scores):
                 mlflow.log_metric("val_auroc", float(score), step=epoch)
-            mlflow.log_metrics({"best_val_auroc": result.best_val_auroc,
-                                "best_epoch": result.best_epoch})
+            mlflow.log_metrics(
+                {"best_val_auroc": result.best_val_auroc, "best_epoch": result.best_epoch}
+            )
             runs[str(seed)] = active.info.run_id
         frames.append(result.predictions.assign(seed=seed, run_id=runs[str(seed)]))
         if best is None or result.best_val_auroc > best[1].best_val_auroc:
@@ -68,21 +81,41 @@ def main(fm: str, task: str) -> None:
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
     assert best is not None
-    reg = _register_classifier(settings, fm, task, best[0], best[1], tags, runs[str(best[0])],
-                               weights, out)
-    tracking.write_json(out / "runs.json", {
-        "fm": fm, "task": task, "task_site": task_site, "aligned": fm == task_site,
-        "adaptation": cfg.method, "classes": best[1].classes, "runs": runs,
-        "parent_run_id": parent, "fm_version": registration["version"],
-        "best_seed": best[0], "classifier": reg,
-    })
-    print(f"adapt {fm} -> {task}: {len(cfg.seeds)} seeds, best val AUROC "
-          f"{best[1].best_val_auroc:.3f} (seed {best[0]})")
+    reg = _register_classifier(
+        settings, fm, task, best[0], best[1], tags, runs[str(best[0])], weights, out
+    )
+    tracking.write_json(
+        out / "runs.json",
+        {
+            "fm": fm,
+            "task": task,
+            "task_site": task_site,
+            "aligned": fm == task_site,
+            "adaptation": cfg.method,
+            "classes": best[1].classes,
+            "runs": runs,
+            "parent_run_id": parent,
+            "fm_version": registration["version"],
+            "best_seed": best[0],
+            "classifier": reg,
+        },
+    )
+    print(
+        f"adapt {fm} -> {task}: {len(cfg.seeds)} seeds, best val AUROC "
+        f"{best[1].best_val_auroc:.3f} (seed {best[0]})"
+    )
 
 
 def _register_classifier(
-    settings: Settings, fm: str, task: str, seed: int, result: AdaptResult,
-    tags: dict[str, str], run_id: str, weights: Path, out: Path,
+    settings: Settings,
+    fm: str,
+    task: str,
+    seed: int,
+    result: AdaptResult,
+    tags: dict[str, str],
+    run_id: str,
+    weights: Path,
+    out: Path,
 ) -> dict:
     """Export the best seed's classifier to ONNX and register it with its lineage."""
     clf = result.classifier.eval()
@@ -96,17 +129,34 @@ def _register_classifier(
     with torch.inference_mode():
         probs = clf(torch.from_numpy(example)).numpy()
     fm_run = json.loads((settings.paths.outputs / "pretrain" / fm / "run.json").read_text())
-    lineage = {**tracking.base_tags(settings), **tags, "seed": str(seed),
-               "recipe": fm_run["recipe"], "recipe.hash": fm_run["recipe_hash"],
-               "cohort.md5": tracking.lock_hash(f"cohort@{fm}", f"outputs/cohorts/{fm}"),
-               "classes": ",".join(result.classes)}
+    lineage = {
+        **tracking.base_tags(settings),
+        **tags,
+        "seed": str(seed),
+        "recipe": fm_run["recipe"],
+        "recipe.hash": fm_run["recipe_hash"],
+        "cohort.md5": tracking.lock_hash(f"cohort@{fm}", f"outputs/cohorts/{fm}"),
+        "classes": ",".join(result.classes),
+    }
     name = f"clf-{task}-fm-{fm}"
     reg = register_onnx(
-        tracking.configure(settings), name=name, onnx_path=onnx_path, weights_path=clf_weights,
-        run_id=run_id, parity=parity, input_example=example, output_example=probs,
-        metadata={"preprocessing": json.loads(prep.to_json()), "classes": result.classes,
-                  "output": "probabilities", "fm": f"fm-{fm}", "task": task},
-        tags=lineage, attachments={},
+        tracking.configure(settings),
+        name=name,
+        onnx_path=onnx_path,
+        weights_path=clf_weights,
+        run_id=run_id,
+        parity=parity,
+        input_example=example,
+        output_example=probs,
+        metadata={
+            "preprocessing": json.loads(prep.to_json()),
+            "classes": result.classes,
+            "output": "probabilities",
+            "fm": f"fm-{fm}",
+            "task": task,
+        },
+        tags=lineage,
+        attachments={},
         description=f"{task} classifier ({settings.adapt.method}) on fm-{fm}, seed {seed}.",
     )
     write_registration(out / "classifier_registration.json", reg)

@@ -34,29 +34,45 @@ def main(site: str) -> None:
 
     cfg = settings.cohort
     result = sample_cohort(
-        pools[site], site=site, size=cfg.size, strategy=cfg.strategy, balance_on=cfg.balance_on,
-        per_patient_cap=cfg.per_patient_cap, allow_smaller=cfg.allow_smaller,
-        exclude_patients=heldout, seed=settings.study.seed,
-        age_edges=settings.evaluation.age_bins.get("age", [60.0]), pools=pools,
+        pools[site],
+        site=site,
+        size=cfg.size,
+        strategy=cfg.strategy,
+        balance_on=cfg.balance_on,
+        per_patient_cap=cfg.per_patient_cap,
+        allow_smaller=cfg.allow_smaller,
+        exclude_patients=heldout,
+        seed=settings.study.seed,
+        age_edges=settings.evaluation.age_bins.get("age", [60.0]),
+        pools=pools,
     )
     out = outputs / "cohorts" / site
     validate_cohort(result.cohort, pools[site], heldout, settings, out / "validation")
     result.cohort.to_parquet(out / "cohort.parquet", index=False)
     card = build_card(
-        result.cohort, site=site, report=result.report,
+        result.cohort,
+        site=site,
+        report=result.report,
         data_hash=tracking.dvc_hash(settings.paths.data.with_suffix(".dvc")),
         settings_snapshot=settings.cohort.model_dump(mode="json"),
         image_root=settings.paths.data / "sites" / site,
     )
     files = write_card(card, out / "card")
-    with tracking.run(settings, "data", name=f"cohort-{site}",
-                      tags={"stage": "cohort", "fm.site": site}):
+    with tracking.run(
+        settings, "data", name=f"cohort-{site}", tags={"stage": "cohort", "fm.site": site}
+    ):
         mlflow.log_params({"size": cfg.size, "strategy": cfg.strategy, "seed": settings.study.seed})
-        mlflow.log_metrics({"cohort.images": len(result.cohort),
-                            "cohort.patients": result.cohort["patient_id"].nunique()})
+        mlflow.log_metrics(
+            {
+                "cohort.images": len(result.cohort),
+                "cohort.patients": result.cohort["patient_id"].nunique(),
+            }
+        )
         mlflow.log_artifacts(str(out / "card"), "data_card")
-    print(f"cohort {site}: {len(result.cohort)} images, "
-          f"{result.cohort['patient_id'].nunique()} patients -> {files.get('card.md', out)}")
+    print(
+        f"cohort {site}: {len(result.cohort)} images, "
+        f"{result.cohort['patient_id'].nunique()} patients -> {files.get('card.md', out)}"
+    )
 
 
 if __name__ == "__main__":

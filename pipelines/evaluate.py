@@ -31,16 +31,23 @@ def main() -> None:
             preds = pd.read_parquet(folder / "predictions.parquet")
             for seed, frame in preds.groupby("seed", sort=True):
                 run_id = info["runs"][str(seed)]
-                result = evaluate_predictions(frame.drop(columns=["seed", "run_id"]),
-                                              settings.evaluation, seed=int(seed))
+                result = evaluate_predictions(
+                    frame.drop(columns=["seed", "run_id"]), settings.evaluation, seed=int(seed)
+                )
                 metrics = dict(result.keys.metrics)
                 overall_ci = result.intervals.query("factor == 'overall' and metric == 'auroc'")
                 if len(overall_ci):
                     metrics["auroc_lo"] = float(overall_ci["lo"].iloc[0])
                     metrics["auroc_hi"] = float(overall_ci["hi"].iloc[0])
                 _log(client, run_id, metrics, result.groups, result.keys.undefined)
-                context = {"fm": fm, "task": task, "task_site": info["task_site"],
-                           "aligned": info["aligned"], "seed": int(seed), "run_id": run_id}
+                context = {
+                    "fm": fm,
+                    "task": task,
+                    "task_site": info["task_site"],
+                    "aligned": info["aligned"],
+                    "seed": int(seed),
+                    "run_id": run_id,
+                }
                 run_rows.append({**context, **metrics})
                 group_frames.append(result.groups.assign(**context))
     runs = pd.DataFrame(run_rows)
@@ -49,17 +56,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs.to_parquet(out / "runs.parquet", index=False)
     groups.astype({c: str for c in groups.columns if groups[c].dtype == object}).to_parquet(
-        out / "groups.parquet", index=False)
+        out / "groups.parquet", index=False
+    )
     tracking.write_json(out / "metrics.json", _dvc_metrics(runs))
     print(runs.groupby(["fm", "task"])["auroc"].agg(["mean", "std"]).round(3).to_string())
 
 
-def _log(client, run_id: str, metrics: dict[str, float], groups: pd.DataFrame,  # noqa: ANN001
-         undefined: list[str]) -> None:
+def _log(
+    client,
+    run_id: str,
+    metrics: dict[str, float],
+    groups: pd.DataFrame,  # noqa: ANN001
+    undefined: list[str],
+) -> None:
     now = mlflow.utils.time.get_current_time_millis()
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
     for start in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[start:start + 1000])
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
     client.set_tag(run_id, "eval.undefined", ",".join(undefined)[:5000] or "none")
     table = groups.copy()
     for col in table.columns:
@@ -70,8 +83,12 @@ def _log(client, run_id: str, metrics: dict[str, float], groups: pd.DataFrame,  
 
 def _dvc_metrics(runs: pd.DataFrame) -> dict:
     """Mean (and sd) over seeds per FM and task: what `dvc metrics diff` compares."""
-    keep = [c for c in runs.columns if c in ("auroc", "aupr", "accuracy", "f1_macro", "kappa",
-                                             "ece") or c.startswith(("gap/auroc/", "worst/auroc/"))]
+    keep = [
+        c
+        for c in runs.columns
+        if c in ("auroc", "aupr", "accuracy", "f1_macro", "kappa", "ece")
+        or c.startswith(("gap/auroc/", "worst/auroc/"))
+    ]
     out: dict = {}
     for (fm, task), frame in runs.groupby(["fm", "task"], sort=True):
         entry = {}

@@ -24,8 +24,11 @@ def main(kind: str, name: str) -> None:
         meta = pd.read_parquet(outputs / "validation" / "tasks" / f"{name}.parquet")
         root = data / "tasks" / name
     packed = pack_images(
-        meta, root, outputs / "packed" / f"{kind}s" / name,
-        image_size=settings.pack.image_size, shard_size=settings.pack.shard_size,
+        meta,
+        root,
+        outputs / "packed" / f"{kind}s" / name,
+        image_size=settings.pack.image_size,
+        shard_size=settings.pack.shard_size,
         workers=settings.validation.workers,
     )
     print(f"packed {kind} {name}: {len(packed)} images at {settings.pack.image_size}px")

@@ -28,22 +28,35 @@ def main(site: str) -> None:
     outputs = settings.paths.outputs
     images = PackedSet(outputs / "packed" / "cohorts" / site)
     arch, cfg = settings.model.arch, settings.pretrain
-    prep = (Preprocessing(arch.img_size, tuple(images.mean), tuple(images.std))
-            if cfg.normalisation == "cohort" else Preprocessing(arch.img_size))
+    prep = (
+        Preprocessing(arch.img_size, tuple(images.mean), tuple(images.std))
+        if cfg.normalisation == "cohort"
+        else Preprocessing(arch.img_size)
+    )
     ckpt_dir = outputs / "checkpoints" / "pretrain" / site / images.fingerprint[:16]
     out = outputs / "pretrain" / site
     rank = int(os.environ.get("RANK", "0"))
     recipe_hash = settings.digest("model", "pretrain")
-    tags = {"fm.site": site, "recipe": cfg.recipe, "recipe.hash": recipe_hash,
-            "cohort.fingerprint": images.fingerprint, "stage": "pretrain"}
+    tags = {
+        "fm.site": site,
+        "recipe": cfg.recipe,
+        "recipe.hash": recipe_hash,
+        "cohort.fingerprint": images.fingerprint,
+        "stage": "pretrain",
+    }
 
     if rank != 0:  # other DDP ranks train without tracking
         train_mae(cfg, arch, images, ckpt_dir, seed=settings.study.seed, prep=prep, progress=False)
         return
 
     previous = read_checkpoint_extra(ckpt_dir) or {}
-    with tracking.run(settings, "pretrain", name=f"pretrain-{site}", tags=tags,
-                      run_id=previous.get("mlflow_run_id")) as active:
+    with tracking.run(
+        settings,
+        "pretrain",
+        name=f"pretrain-{site}",
+        tags=tags,
+        run_id=previous.get("mlflow_run_id"),
+    ) as active:
         run_id = active.info.run_id
         if not previous:
             mlflow.log_params({f"arch.{k}": v for k, v in arch.model_dump().items()})
@@ -51,8 +64,16 @@ def main(site: str) -> None:
             mlflow.log_params({"cohort.images": len(images), "seed": settings.study.seed})
         sender = tracking.BufferedMetricLogger(tracking.configure(settings), run_id)
         try:
-            result = train_mae(cfg, arch, images, ckpt_dir, seed=settings.study.seed, prep=prep,
-                               log_fn=sender.log, extra={"mlflow_run_id": run_id})
+            result = train_mae(
+                cfg,
+                arch,
+                images,
+                ckpt_dir,
+                seed=settings.study.seed,
+                prep=prep,
+                log_fn=sender.log,
+                extra={"mlflow_run_id": run_id},
+            )
         finally:
             sender.close()
         out.mkdir(parents=True, exist_ok=True)
@@ -62,11 +83,19 @@ def main(site: str) -> None:
         mlflow.log_metric("final_loss", result.final_loss)
         mlflow.log_artifact(str(out / "loss.png"))
         mlflow.log_artifact(str(out / "history.csv"))
-        tracking.write_json(out / "run.json", {
-            "run_id": run_id, "site": site, "steps": result.steps, "final_loss": result.final_loss,
-            "recipe": cfg.recipe, "recipe_hash": recipe_hash, "preprocessing": prep.to_json(),
-            "cohort_fingerprint": images.fingerprint,
-        })
+        tracking.write_json(
+            out / "run.json",
+            {
+                "run_id": run_id,
+                "site": site,
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "recipe": cfg.recipe,
+                "recipe_hash": recipe_hash,
+                "preprocessing": prep.to_json(),
+                "cohort_fingerprint": images.fingerprint,
+            },
+        )
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun with new data starts fresh
     print(f"pretrain {site}: {result.steps} steps, final loss {result.final_loss:.4f}")
 

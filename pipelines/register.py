@@ -43,22 +43,43 @@ def main(site: str) -> None:
         "cohort.md5": tracking.lock_hash(f"cohort@{site}", f"outputs/cohorts/{site}"),
         "cohort.fingerprint": run["cohort_fingerprint"],
     }
-    example = np.random.default_rng(0).standard_normal(
-        (2, 3, arch.img_size, arch.img_size)).astype(np.float32)
+    example = (
+        np.random.default_rng(0)
+        .standard_normal((2, 3, arch.img_size, arch.img_size))
+        .astype(np.float32)
+    )
     with torch.inference_mode():
         features = encode(encoder, torch.from_numpy(example)).numpy()
-    attachments = {"model_card.md": model_card(
-        name=name, site=site, tags=tags, preprocessing=json.loads(prep.to_json()),
-        arch=arch.model_dump(), data_card=data_card)}
+    attachments = {
+        "model_card.md": model_card(
+            name=name,
+            site=site,
+            tags=tags,
+            preprocessing=json.loads(prep.to_json()),
+            arch=arch.model_dump(),
+            data_card=data_card,
+        )
+    }
     if data_card is not None:
         attachments["data_card.json"] = json.dumps(data_card, indent=2, sort_keys=True)
     client = tracking.configure(settings)
     reg = register_onnx(
-        client, name=name, onnx_path=onnx_path, weights_path=weights, run_id=run["run_id"],
-        parity=parity, input_example=example, output_example=features,
-        metadata={"preprocessing": json.loads(prep.to_json()), "arch": arch.model_dump(),
-                  "output": "features", "site": site},
-        tags=tags, attachments=attachments,
+        client,
+        name=name,
+        onnx_path=onnx_path,
+        weights_path=weights,
+        run_id=run["run_id"],
+        parity=parity,
+        input_example=example,
+        output_example=features,
+        metadata={
+            "preprocessing": json.loads(prep.to_json()),
+            "arch": arch.model_dump(),
+            "output": "features",
+            "site": site,
+        },
+        tags=tags,
+        attachments=attachments,
         description=f"MAE ViT encoder pre-trained on the {site} cohort ({run['recipe']}).",
     )
     write_registration(out / "registration.json", reg)

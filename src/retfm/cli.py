@@ -34,9 +34,14 @@ def synth(
     params: ParamsOpt = Path("params.yaml"),
     out: Annotated[Path | None, typer.Option(help="target folder (default paths.data)")] = None,
     workers: int = 2,
-    if_needed: Annotated[bool, typer.Option(
-        "--if-needed", help="skip when data/ was generated from the same settings; never "
-        "overwrite a data/ that retfm synth did not write")] = False,
+    if_needed: Annotated[
+        bool,
+        typer.Option(
+            "--if-needed",
+            help="skip when data/ was generated from the same settings; never "
+            "overwrite a data/ that retfm synth did not write",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option(help="replace a data/ not written by retfm synth")] = False,
 ) -> None:
     """Write the built-in SIMULATED two-site data set (not patient data) into data/."""
@@ -45,8 +50,11 @@ def synth(
     setup_logging()
     settings = load_settings(params)
     target = out or settings.paths.data
-    wanted = {"synthetic": settings.digest("synthetic"), "sites": list(settings.study.sites),
-              "target": str(target)}
+    wanted = {
+        "synthetic": settings.digest("synthetic"),
+        "sites": list(settings.study.sites),
+        "target": str(target),
+    }
     stamp = json.loads(SYNTH_STAMP.read_text()) if SYNTH_STAMP.is_file() else None
     if target.exists() and stamp is None and not force:
         if if_needed:
@@ -60,8 +68,9 @@ def synth(
         import shutil
 
         shutil.rmtree(target)
-    counts = generate_dataset(settings.synthetic, list(settings.study.sites), target,
-                              workers=workers)
+    counts = generate_dataset(
+        settings.synthetic, list(settings.study.sites), target, workers=workers
+    )
     SYNTH_STAMP.parent.mkdir(parents=True, exist_ok=True)
     SYNTH_STAMP.write_text(json.dumps(wanted))
     typer.echo(f"SIMULATED data (not patient data) written to {target}/: {json.dumps(counts)}")
@@ -69,7 +78,8 @@ def synth(
 
 @app.command()
 def profile(
-    name: str, params: ParamsOpt = Path("params.yaml"),
+    name: str,
+    params: ParamsOpt = Path("params.yaml"),
     profiles: Annotated[Path, typer.Option(help="folder of profile overlays")] = Path("profiles"),
 ) -> None:
     """Overlay profiles/NAME.yaml onto params.yaml (comments kept), then validate it."""
@@ -84,7 +94,8 @@ def profile(
 
 @app.command("import-folder")
 def import_folder(
-    src: Path, dst: Path,
+    src: Path,
+    dst: Path,
     source_site: Annotated[str, typer.Option(help="site the images come from")],
     metadata: Annotated[Path | None, typer.Option(help="CSV of per-image age, sex, ...")] = None,
 ) -> None:
@@ -137,8 +148,14 @@ def promote(
 
     setup_logging()
     settings, client = _registry(params)
-    decision = do_promote(client, model, version, settings.promotion,
-                          _judged_factors(settings), tracking.experiment_id(settings, "promotion"))
+    decision = do_promote(
+        client,
+        model,
+        version,
+        settings.promotion,
+        _judged_factors(settings),
+        tracking.experiment_id(settings, "promotion"),
+    )
     typer.echo(decision.report())
     if not decision.promoted:
         raise typer.Exit(1)
@@ -198,9 +215,11 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
     if not path.is_file():
         _fail(f"{path} not found: run `dvc repro` first")
     print_summary(json.loads(path.read_text()), sys.stdout)
-    typer.echo("\nBrowse every run, model and artifact with:\n"
-               f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking.uri} "
-               "--port 5000\n  then open http://127.0.0.1:5000")
+    typer.echo(
+        "\nBrowse every run, model and artifact with:\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking.uri} "
+        "--port 5000\n  then open http://127.0.0.1:5000"
+    )
 
 
 if __name__ == "__main__":

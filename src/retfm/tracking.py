@@ -137,7 +137,9 @@ def run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else exp, run_name=None if run_id else name,
+        run_id=run_id,
+        experiment_id=None if run_id else exp,
+        run_name=None if run_id else name,
         tags=None if run_id else all_tags,
     ) as active:
         if run_id:
@@ -178,8 +180,11 @@ class BufferedMetricLogger:
             try:
                 self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
             except Exception as err:  # noqa: BLE001 - any transport error means "retry later"
-                log.warning("tracking server unavailable (%s); %d metrics queued",
-                            type(err).__name__, len(self._pending))
+                log.warning(
+                    "tracking server unavailable (%s); %d metrics queued",
+                    type(err).__name__,
+                    len(self._pending),
+                )
                 return False
             del self._pending[: len(batch)]
             self.sent += len(batch)

@@ -31,13 +31,20 @@ class Study:
         return f"sqlite:///{self.path / 'mlruns' / 'mlflow.db'}"
 
 
-def run(cmd: list[str], cwd: Path, *, check: bool = True, timeout: int = 900,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str],
+    cwd: Path,
+    *,
+    check: bool = True,
+    timeout: int = 900,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
@@ -47,8 +54,13 @@ def run(cmd: list[str], cwd: Path, *, check: bool = True, timeout: int = 900,
 
 
 def shipped_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
@@ -75,8 +87,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Callable[..., Study]:
-    def make(name: str, mutate: Callable[[Path], None] | None = None, *,
-             check: bool = True) -> Study:
+    def make(
+        name: str, mutate: Callable[[Path], None] | None = None, *, check: bool = True
+    ) -> Study:
         repo = clone_repo(tmp_path_factory.mktemp(name))
         shutil.copytree(tiny_data, repo / "data")
         if mutate is not None:

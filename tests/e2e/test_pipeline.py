@@ -39,15 +39,25 @@ def test_registry_holds_both_site_fms_as_runnable_onnx(study, client: MlflowClie
         assert features.shape[0] == 3 and np.isfinite(features).all()
 
 
-def test_every_evaluation_run_has_subgroup_keys_and_counts(study,
-                                                           client: MlflowClient) -> None:
+def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: MlflowClient) -> None:
     exp = client.get_experiment_by_name("adapt")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'adapt'", max_results=500)
     settings_seeds = 2
     assert len(runs) == len(SITES) * 3 * settings_seeds
     for r in runs:
-        for tag in ("study", "fm.site", "fm.model", "fm.version", "task", "task.site", "aligned",
-                    "adaptation", "seed", "data.md5", "git.commit"):
+        for tag in (
+            "study",
+            "fm.site",
+            "fm.model",
+            "fm.version",
+            "task",
+            "task.site",
+            "aligned",
+            "adaptation",
+            "seed",
+            "data.md5",
+            "git.commit",
+        ):
             assert tag in r.data.tags, (tag, r.info.run_name)
         keys = r.data.metrics
         assert "auroc" in keys

@@ -86,7 +86,7 @@ def predict_files(model_uri: str, inputs: Iterable[Path], *, batch_size: int = 6
     names = model.metadata.get("classes")
     rows: list[dict] = []
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch"):
-        chunk = paths[start:start + batch_size]
+        chunk = paths[start : start + batch_size]
         images, good = [], []
         for path in chunk:
             try:

@@ -47,8 +47,14 @@ def missing_lineage(tags: dict[str, str]) -> list[str]:
 
 
 def model_card(
-    *, name: str, site: str, tags: dict[str, str], preprocessing: dict, arch: dict,
-    data_card: dict | None, evaluation: str = "Not evaluated yet: see the study report.",
+    *,
+    name: str,
+    site: str,
+    tags: dict[str, str],
+    preprocessing: dict,
+    arch: dict,
+    data_card: dict | None,
+    evaluation: str = "Not evaluated yet: see the study report.",
 ) -> str:
     """A Markdown model card (MONAI-style fields: intended use, data, input/output, versions)."""
     cohort = data_card or {}

@@ -87,8 +87,9 @@ def register_onnx(
     if existing is not None:
         log.info("%s: weights unchanged, reusing version %s", name, existing)
         client.set_registered_model_alias(name, CANDIDATE, existing)
-        return Registration(name, existing, f"models:/{name}/{existing}", run_id, parity,
-                            weights_sha, created=False)
+        return Registration(
+            name, existing, f"models:/{name}/{existing}", run_id, parity, weights_sha, created=False
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = [str(weights_path)]
@@ -109,14 +110,19 @@ def register_onnx(
             )
             mlflow.log_metric(f"onnx_parity_max_abs/{name}", parity)
     version = str(info.registered_model_version)
-    all_tags = {**tags, "weights.sha256": weights_sha, "onnx.parity": f"{parity:.3g}",
-                "onnx.opset": str(_opset(onnx_path))}
+    all_tags = {
+        **tags,
+        "weights.sha256": weights_sha,
+        "onnx.parity": f"{parity:.3g}",
+        "onnx.opset": str(_opset(onnx_path)),
+    }
     for key, value in all_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     client.update_model_version(name, version, description=description)
     client.set_registered_model_alias(name, CANDIDATE, version)
-    return Registration(name, version, f"models:/{name}/{version}", run_id, parity, weights_sha,
-                        created=True)
+    return Registration(
+        name, version, f"models:/{name}/{version}", run_id, parity, weights_sha, created=True
+    )
 
 
 def _opset(onnx_path: Path) -> int:

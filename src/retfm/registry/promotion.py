@@ -77,35 +77,74 @@ def evaluate_gates(
     metric = cfg.metric
     gates: list[Gate] = []
     missing = missing_lineage(candidate)
-    gates.append(Gate("lineage complete", not missing, ", ".join(missing) or "all tags present",
-                      "data, cohort, commit, params, recipe, site, weights"))
+    gates.append(
+        Gate(
+            "lineage complete",
+            not missing,
+            ", ".join(missing) or "all tags present",
+            "data, cohort, commit, params, recipe, site, weights",
+        )
+    )
     overall = _float(candidate, f"eval.{metric}")
-    gates.append(Gate(f"{metric} floor", overall is not None and overall >= cfg.floor,
-                      "not evaluated" if overall is None else f"{overall:.4f}", f">= {cfg.floor}"))
+    gates.append(
+        Gate(
+            f"{metric} floor",
+            overall is not None and overall >= cfg.floor,
+            "not evaluated" if overall is None else f"{overall:.4f}",
+            f">= {cfg.floor}",
+        )
+    )
     if champion is not None:
         same_data = candidate.get("eval.data") == champion.get("eval.data") is not None
         champ = _float(champion, f"eval.{metric}")
-        ok = same_data and overall is not None and champ is not None and (
-            overall >= champ - cfg.max_drop_vs_champion
+        ok = (
+            same_data
+            and overall is not None
+            and champ is not None
+            and (overall >= champ - cfg.max_drop_vs_champion)
         )
-        value = (f"{overall} vs champion {champ}" if same_data
-                 else f"evaluation data differ ({candidate.get('eval.data')} vs "
-                      f"{champion.get('eval.data')})")
-        gates.append(Gate(f"{metric} vs champion", ok, value,
-                          f"drop <= {cfg.max_drop_vs_champion} on the same evaluation data"))
+        value = (
+            f"{overall} vs champion {champ}"
+            if same_data
+            else f"evaluation data differ ({candidate.get('eval.data')} vs "
+            f"{champion.get('eval.data')})"
+        )
+        gates.append(
+            Gate(
+                f"{metric} vs champion",
+                ok,
+                value,
+                f"drop <= {cfg.max_drop_vs_champion} on the same evaluation data",
+            )
+        )
     for factor in factors:
         worst = _float(candidate, f"eval.worst.{metric}.{factor}")
         gap = _float(candidate, f"eval.gap.{metric}.{factor}")
         small = int(_float(candidate, f"eval.undefined.{factor}") or 0)
-        gates.append(Gate(f"worst {factor} group {metric}",
-                          worst is not None and worst >= cfg.min_worst_group,
-                          "not evaluated" if worst is None else f"{worst:.4f}",
-                          f">= {cfg.min_worst_group}"))
-        gates.append(Gate(f"{factor} gap", gap is not None and gap <= cfg.max_gap,
-                          "not evaluated" if gap is None else f"{gap:.4f}", f"<= {cfg.max_gap}"))
-        gates.append(Gate(f"{factor} groups judgeable", small == 0,
-                          f"{small} group(s) undefined or under {cfg.min_group_size} images",
-                          "0 (an unjudgeable group never passes silently)"))
+        gates.append(
+            Gate(
+                f"worst {factor} group {metric}",
+                worst is not None and worst >= cfg.min_worst_group,
+                "not evaluated" if worst is None else f"{worst:.4f}",
+                f">= {cfg.min_worst_group}",
+            )
+        )
+        gates.append(
+            Gate(
+                f"{factor} gap",
+                gap is not None and gap <= cfg.max_gap,
+                "not evaluated" if gap is None else f"{gap:.4f}",
+                f"<= {cfg.max_gap}",
+            )
+        )
+        gates.append(
+            Gate(
+                f"{factor} groups judgeable",
+                small == 0,
+                f"{small} group(s) undefined or under {cfg.min_group_size} images",
+                "0 (an unjudgeable group never passes silently)",
+            )
+        )
     return gates
 
 
@@ -131,9 +170,15 @@ def _resolve(client: MlflowClient, name: str, version: str | None) -> str:
 def _record(client: MlflowClient, decision: Decision, experiment_id: str) -> None:
     payload = json.dumps(decision.to_dict(), sort_keys=True)
     client.set_model_version_tag(decision.model, decision.version, "promotion.last", payload)
-    run = client.create_run(experiment_id, run_name=f"promote-{decision.model}-v{decision.version}",
-                            tags={"model": decision.model, "model.version": decision.version,
-                                  "promoted": str(decision.promoted).lower()})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"promote-{decision.model}-v{decision.version}",
+        tags={
+            "model": decision.model,
+            "model.version": decision.version,
+            "promoted": str(decision.promoted).lower(),
+        },
+    )
     client.log_text(run.info.run_id, payload, "promotion.json")
     client.set_terminated(run.info.run_id)
 
@@ -151,11 +196,21 @@ def promote(
         target = _resolve(client, name, version)
         previous = _champion(client, name)
         cand_tags = dict(client.get_model_version(name, target).tags)
-        champ_tags = (dict(client.get_model_version(name, previous).tags)
-                      if previous and previous != target else None)
+        champ_tags = (
+            dict(client.get_model_version(name, previous).tags)
+            if previous and previous != target
+            else None
+        )
         gates = evaluate_gates(cfg, cand_tags, champ_tags, factors)
-        decision = Decision(name, target, all(g.passed for g in gates), previous, gates,
-                            who=getpass.getuser(), when=datetime.now(UTC).isoformat())
+        decision = Decision(
+            name,
+            target,
+            all(g.passed for g in gates),
+            previous,
+            gates,
+            who=getpass.getuser(),
+            when=datetime.now(UTC).isoformat(),
+        )
         if decision.promoted and previous != target:
             history = _history(client, name)
             if previous:
@@ -181,8 +236,14 @@ def rollback(client: MlflowClient, name: str, experiment_id: str) -> Decision:
         previous = history.pop()
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-        decision = Decision(name, previous, True, current,
-                            [Gate("rollback", True, f"from {current} to {previous}", "-")],
-                            who=getpass.getuser(), when=datetime.now(UTC).isoformat())
+        decision = Decision(
+            name,
+            previous,
+            True,
+            current,
+            [Gate("rollback", True, f"from {current} to {previous}", "-")],
+            who=getpass.getuser(),
+            when=datetime.now(UTC).isoformat(),
+        )
         _record(client, decision, experiment_id)
     return decision
