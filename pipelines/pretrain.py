@@ -7,17 +7,21 @@ run. Under ``torchrun`` every rank trains; only rank 0 tracks and writes outputs
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import mlflow
 import typer
 
 from retfm import tracking
 from retfm.data.shards import PackedSet
-from retfm.models.encoder import Preprocessing
+from retfm.models.checkpoints import import_mae
+from retfm.models.encoder import Preprocessing, save_encoder
+from retfm.registry.lineage import sha256_file
 from retfm.reporting.plots import plot_loss
-from retfm.settings import load_settings
+from retfm.settings import Settings, load_settings
 from retfm.stage import stage
 from retfm.training.pretrain import read_checkpoint_extra, train_mae
 
@@ -45,6 +49,9 @@ def main(site: str) -> None:
         "stage": "pretrain",
     }
 
+    if site in cfg.imported:
+        _import_released(settings, site, Path(cfg.imported[site]), out, tags)
+        return
     if rank != 0:  # other DDP ranks train without tracking
         train_mae(cfg, arch, images, ckpt_dir, seed=settings.study.seed, prep=prep, progress=False)
         return
@@ -98,6 +105,38 @@ def main(site: str) -> None:
         )
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun with new data starts fresh
     print(f"pretrain {site}: {result.steps} steps, final loss {result.final_loss:.4f}")
+
+
+def _import_released(settings: Settings, site: str, path: Path, out: Path,
+                     tags: dict[str, str]) -> None:
+    """Use a released RETFound MAE checkpoint as this site's FM instead of pre-training.
+
+    Both sites' imports share one recipe hash (the released recipe), so the comparison stage
+    treats them as made by an identical process, as their authors did.
+    """
+    encoder, arch, prep = import_mae(path)
+    if arch.img_size != settings.pack.image_size:
+        raise ValueError(f"{path}: encoder input is {arch.img_size}px but pack.image_size is "
+                         f"{settings.pack.image_size}; use a profile with that size (paper)")
+    weights_sha = sha256_file(path)
+    recipe, recipe_hash = "released-retfound-mae", hashlib.sha256(
+        arch.model_dump_json().encode()).hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    save_encoder(out / "encoder.safetensors", encoder, arch, prep,
+                 {"imported_from": path.name, "source.sha256": weights_sha})
+    (out / "history.csv").write_text("step,epoch,loss,lr\n")
+    plot_loss(out / "history.csv", out / "loss.png", title=f"{site}: imported, not trained")
+    with tracking.run(settings, "pretrain", name=f"import-{site}",
+                      tags={**tags, "recipe": recipe, "recipe.hash": recipe_hash,
+                            "cohort.fingerprint": "imported",
+                            "imported_from": path.name, "source.sha256": weights_sha}) as active:
+        tracking.write_json(out / "run.json", {
+            "run_id": active.info.run_id, "site": site, "steps": 0, "final_loss": None,
+            "recipe": recipe, "recipe_hash": recipe_hash, "preprocessing": prep.to_json(),
+            "cohort_fingerprint": "imported", "imported_from": str(path),
+        })
+    print(f"pretrain {site}: imported {path.name} (ViT {arch.embed_dim}d x {arch.depth}), "
+          "not trained")
 
 
 if __name__ == "__main__":

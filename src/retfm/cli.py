@@ -113,20 +113,29 @@ def import_folder(
 def import_checkpoint_cmd(
     path: Path,
     kind: Annotated[str, typer.Option(help="mae (RETFound MAE) or dinov2")],
-    out: Annotated[Path, typer.Option(help="where to write the encoder (safetensors)")],
+    out: Annotated[Path, typer.Option(help="folder for encoder.onnx (+ encoder.safetensors)")],
 ) -> None:
-    """Import a released RETFound checkpoint (no pickled code is run) as a retfm encoder."""
-    from retfm.models.checkpoints import import_checkpoint
+    """Import a released RETFound checkpoint without running pickled code: ONNX (parity-checked)
+    and, for MAE, a retfm encoder that `pretrain.imported` can use as a site FM."""
+    from retfm.models.checkpoints import import_checkpoint, import_mae
     from retfm.models.encoder import save_encoder
+    from retfm.models.onnx_export import export_onnx, onnx_parity
 
     if kind not in ("mae", "dinov2"):
         _fail(f"--kind must be mae or dinov2, got {kind!r}")
     try:
-        encoder, prep, arch = import_checkpoint(path, kind)  # type: ignore[arg-type]
-    except ValueError as err:
+        encoder, prep = import_checkpoint(path, kind)  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    save_encoder(out, encoder, arch, prep, {"imported_from": path.name, "kind": kind})
-    typer.echo(f"{path} -> {out} ({kind}, img {prep.img_size})")
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "mae":
+        encoder, arch, prep = import_mae(path)
+        save_encoder(out / "encoder.safetensors", encoder, arch, prep, {"imported_from": path.name})
+    onnx_path = export_onnx(encoder, prep, out / "encoder.onnx")
+    parity = onnx_parity(encoder, onnx_path)
+    typer.echo(f"{path} ({kind}, {prep.img_size}px) -> {out}; ONNX parity {parity:.2e}")
+    if kind == "mae":
+        typer.echo(f"use it as a site FM: params.yaml pretrain.imported: {{<site>: {path}}}")
 
 
 def _registry(params: Path):  # noqa: ANN202 - (settings, client) pair
@@ -143,19 +152,25 @@ def promote(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Move @champion to a version only if every gate in params.yaml's promotion passes."""
+    from filelock import Timeout
+
     from retfm import tracking
+    from retfm.registry.promotion import PromotionError
     from retfm.registry.promotion import promote as do_promote
 
     setup_logging()
     settings, client = _registry(params)
-    decision = do_promote(
-        client,
-        model,
-        version,
-        settings.promotion,
-        _judged_factors(settings),
-        tracking.experiment_id(settings, "promotion"),
-    )
+    try:
+        decision = do_promote(
+            client,
+            model,
+            version,
+            settings.promotion,
+            _judged_factors(settings),
+            tracking.experiment_id(settings, "promotion"),
+        )
+    except (PromotionError, Timeout) as err:
+        _fail(f"promote {model}: {err}")
     typer.echo(decision.report())
     if not decision.promoted:
         raise typer.Exit(1)
@@ -170,14 +185,17 @@ def _judged_factors(settings) -> list[str]:  # noqa: ANN001
 @app.command()
 def rollback(model: str, params: ParamsOpt = Path("params.yaml")) -> None:
     """Move @champion back to the previous champion."""
+    from filelock import Timeout
+
     from retfm import tracking
+    from retfm.registry.promotion import PromotionError
     from retfm.registry.promotion import rollback as do_rollback
 
     settings, client = _registry(params)
     try:
         decision = do_rollback(client, model, tracking.experiment_id(settings, "promotion"))
-    except RuntimeError as err:
-        _fail(str(err))
+    except (PromotionError, Timeout) as err:
+        _fail(f"rollback {model}: {err}")
     typer.echo(decision.report())
 
 
@@ -190,10 +208,15 @@ def predict(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Batch inference with ONNX Runtime on a registered model, one output row per image."""
+    from mlflow.exceptions import MlflowException
+
     from retfm.registry.inference import predict_files
 
     _registry(params)
-    table = predict_files(model, inputs, batch_size=batch_size)
+    try:
+        table = predict_files(model, inputs, batch_size=batch_size)
+    except (ValueError, MlflowException) as err:
+        _fail(f"predict: {err}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
         table.to_parquet(out, index=False)
@@ -203,6 +226,8 @@ def predict(
     for _, row in bad.iterrows():
         typer.secho(f"skipped {row['path']}: {row['status']}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"{len(table) - len(bad)} images predicted, {len(bad)} skipped -> {out}")
+    if len(table) == len(bad):
+        _fail(f"predict: no image could be predicted from {', '.join(map(str, inputs))}")
 
 
 @app.command()

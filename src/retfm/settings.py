@@ -146,6 +146,7 @@ class PretrainSettings(_Frozen):
     checkpoint_every_steps: PositiveInt = 50
     init_from: str = ""
     normalisation: Literal["imagenet", "cohort"] = "imagenet"
+    imported: dict[str, str] = Field(default_factory=dict)  # site -> released MAE checkpoint
 
 
 class AdaptSettings(_Frozen):
