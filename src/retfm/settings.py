@@ -130,6 +130,7 @@ class ModelSettings(_Frozen):
 
 
 class PretrainSettings(_Frozen):
+    launcher: str = "python"
     recipe: str = "mae-retfound-v1"
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 64
