@@ -164,8 +164,12 @@ def _mae_encoder_state(
 ) -> dict[str, torch.Tensor]:
     drop = ("decoder_", "mask_token", "head.")
     out = {k: v for k, v in state.items() if not k.startswith(drop)}
-    norm = {k: out.pop(k) for k in ("norm.weight", "norm.bias") if k in out}
-    fc = {k: out.pop(k) for k in ("fc_norm.weight", "fc_norm.bias") if k in out}
+    norm: dict[str, torch.Tensor] = {
+        k: out.pop(k) for k in ("norm.weight", "norm.bias") if k in out
+    }
+    fc: dict[str, torch.Tensor] = {
+        k: out.pop(k) for k in ("fc_norm.weight", "fc_norm.bias") if k in out
+    }
     if fc:  # already fine-tuned with global pooling: its own fc_norm wins
         out.update(fc)
     elif fc_norm_from == "norm" and norm:
@@ -182,8 +186,8 @@ def import_mae(
     encoder = build_encoder(arch)
     enc_state = _mae_encoder_state(state, fc_norm_from)
     if fc_norm_from == "fresh" and "fc_norm.weight" not in enc_state:
-        enc_state["fc_norm.weight"] = encoder.fc_norm.weight.detach().clone()
-        enc_state["fc_norm.bias"] = encoder.fc_norm.bias.detach().clone()
+        fresh = encoder.fc_norm.state_dict()  # LayerNorm's own init: weight 1, bias 0
+        enc_state.update({f"fc_norm.{k}": v.clone() for k, v in fresh.items()})
     _load_strict(encoder, enc_state, path)
     encoder.eval()
     return encoder, arch, Preprocessing(img_size=arch.img_size)
@@ -243,6 +247,7 @@ def import_dinov2(path: Path) -> tuple[VisionTransformer, Preprocessing]:
         reg_tokens=reg,
         no_embed_class=reg > 0,
     )
+    assert isinstance(model, VisionTransformer)
     # timm's filter recognises the DINOv2 layout by its mask_token, then renames SwiGLU-free
     # w12/w3 to fc1/fc2, moves register tokens and drops the mask token.
     backbone.setdefault("mask_token", torch.zeros(1, dim))

@@ -48,7 +48,7 @@ class MaskedAutoencoder(nn.Module):
         num_patches = self.grid * self.grid
 
         self.encoder = build_encoder(arch)
-        self.encoder.pos_embed.requires_grad_(False)
+        self._pos_and_cls()[0].requires_grad_(False)
 
         dd = arch.decoder_embed_dim
         self.decoder_embed = nn.Linear(arch.embed_dim, dd)
@@ -71,12 +71,13 @@ class MaskedAutoencoder(nn.Module):
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
         """MAE's initialisation: sin-cos positions, xavier linears (patch embed as a linear)."""
+        pos_embed, cls_token = self._pos_and_cls()
         with torch.no_grad():
-            self.encoder.pos_embed.copy_(sincos_pos_embed(self.grid, self.arch.embed_dim))
+            pos_embed.copy_(sincos_pos_embed(self.grid, self.arch.embed_dim))
             self.decoder_pos_embed.copy_(sincos_pos_embed(self.grid, self.arch.decoder_embed_dim))
             w = self.encoder.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.normal_(self.encoder.cls_token, std=0.02)
+            nn.init.normal_(cls_token, std=0.02)
             nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -86,6 +87,11 @@ class MaskedAutoencoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def _pos_and_cls(self) -> tuple[nn.Parameter, nn.Parameter]:
+        pos, cls = self.encoder.pos_embed, self.encoder.cls_token
+        assert pos is not None and cls is not None, "build_encoder makes both"
+        return pos, cls
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names AdamW must not decay (tokens and position tables)."""
@@ -139,10 +145,11 @@ class MaskedAutoencoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> latent (B, 1+K, D) (class token first), mask (B, L), ids (B, L)."""
         enc = self.encoder
+        pos_embed, cls_token = self._pos_and_cls()
         x = enc.patch_embed(imgs)  # (B, L, D)
-        x = x + enc.pos_embed[:, 1:, :]
+        x = x + pos_embed[:, 1:, :]
         x, mask, ids_restore = self.random_masking(x)
-        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         x = enc.norm_pre(x)
         x = enc.blocks(x)

@@ -3,11 +3,13 @@
 The exported graph takes normalised images, so the preprocessing (stored in the model's
 metadata) is the one contract a serving side must honour.
 
-Export uses the TorchScript-based exporter (``dynamo=False``), deprecated but still shipped in
-torch 2.14. Measured here on a small ViT: it writes opset 17 in ~0.7 s with byte-identical
-files for identical weights, whereas the ``torch.export`` path took ~6 s and emits opset 18 only
-(its down-conversion to 17 fails on ``ReduceMean``). A ViT has no data-dependent control flow,
-so tracing loses nothing; the deprecation warnings it raises are silenced for this call only.
+The FM encoder goes through the TorchScript-based exporter (``dynamo=False``), deprecated but
+still shipped in torch 2.14. Measured here on a small ViT: it writes opset 17 in ~0.7 s with
+byte-identical files for identical weights, whereas the ``torch.export`` path took ~6 s and
+emits opset 18 only (its down-conversion to 17 fails on ``ReduceMean``). A ViT has no
+data-dependent control flow, so tracing loses nothing; the deprecation warnings it raises are
+silenced for this call only. Other modules (classifiers, whose BatchNorm heads need static
+channel sizes under a dynamic batch) go through the ``torch.export`` path at opset >= 18.
 """
 
 from __future__ import annotations
@@ -96,11 +98,12 @@ def _export(
                 dynamo=True,
                 verbose=False,
             )
+            assert program is not None  # the dynamo path always returns its program
             return program.model_proto
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # file-like objects work; the hint says paths
             input_names=[INPUT_NAME],
             output_names=[output_name],
             dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},

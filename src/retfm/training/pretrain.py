@@ -136,7 +136,8 @@ def fingerprint(
 
 def _rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain lists (loadable with weights_only)."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
