@@ -247,5 +247,75 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
     )
 
 
+@app.command()
+def server(
+    backend_store_uri: Annotated[
+        str | None,
+        typer.Option(envvar="RETFM_BACKEND_STORE_URI", help="postgresql://USER:PASS@HOST/DB"),
+    ] = None,
+    artifacts_destination: Annotated[
+        str | None,
+        typer.Option(envvar="RETFM_ARTIFACTS_DESTINATION", help="s3://BUCKET/PATH"),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="also start PostgreSQL and SeaweedFS (S3) here")
+    ] = False,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    workers: int = 4,
+    basic_auth: Annotated[
+        bool, typer.Option("--basic-auth", help="require MLFLOW_TRACKING_USERNAME/PASSWORD")
+    ] = False,
+    workdir: Annotated[Path, typer.Option(help="logs, auth db, --local data")] = Path(
+        ".retfm-server"
+    ),
+) -> None:
+    """Run the team's MLflow server (PostgreSQL + S3 artifacts, proxied) until Ctrl-C.
+
+    S3 credentials and endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    MLFLOW_S3_ENDPOINT_URL; clients need only the tracking URI this prints.
+    """
+    import signal
+    import time
+    from contextlib import ExitStack
+
+    from retfm.team import ServiceError, mlflow_server, team_stack
+
+    if not local and not (backend_store_uri and artifacts_destination):
+        _fail("give --backend-store-uri and --artifacts-destination, or --local")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the services on SIGTERM too
+    with ExitStack() as stack:
+        try:
+            if local:
+                s3, pg, srv = stack.enter_context(
+                    team_stack(workdir, workers=workers, basic_auth=basic_auth, port=port)
+                )
+                typer.echo(f"PostgreSQL: {pg.uri}\nS3: {s3.endpoint} (data in {s3.data_dir})")
+            else:
+                srv = stack.enter_context(
+                    mlflow_server(
+                        workdir,
+                        backend_store_uri=str(backend_store_uri),
+                        artifacts_destination=str(artifacts_destination),
+                        host=host,
+                        port=port,
+                        workers=workers,
+                        basic_auth=basic_auth,
+                    )
+                )
+        except ServiceError as err:
+            _fail(str(err))
+        typer.echo(f"MLflow server log: {srv.log_path}")
+        typer.echo(f"export MLFLOW_TRACKING_URI={srv.uri}", color=False)
+        sys.stdout.flush()
+        try:
+            while srv.process.popen.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+            return
+        _fail(f"mlflow server exited ({srv.process.popen.returncode}); see {srv.log_path}")
+
+
 if __name__ == "__main__":
     app()

@@ -111,3 +111,32 @@ def study(make_study: Callable[..., Study]) -> Study:
 def sh() -> Callable[..., subprocess.CompletedProcess]:
     """Run a command in a study repo with the project's venv on PATH."""
     return run
+
+
+# --- team services (tests/e2e/test_team_*.py): real SeaweedFS S3, PostgreSQL, MLflow server ---
+
+
+@pytest.fixture(scope="session")
+def team_services(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - generator
+    """SeaweedFS + PostgreSQL + ``mlflow server --serve-artifacts`` on loopback, once."""
+    from retfm.team import missing_binaries, team_stack
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip("team services unavailable: " + "; ".join(missing.values()))
+    with team_stack(tmp_path_factory.mktemp("team-services")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def team_study(team_services, tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Study:
+    """The tiny study reproduced against the team's MLflow server, its state committed to git."""
+    server = team_services[2]
+    env = {"MLFLOW_TRACKING_URI": server.uri}
+    repo = clone_repo(tmp_path_factory.mktemp("team-study"))
+    shutil.copytree(tiny_data, repo / "data")
+    run(["dvc", "add", "-q", "data"], repo, env=env)
+    proc = run(["dvc", "repro"], repo, env=env)
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "study"], repo)
+    return Study(repo, proc)

@@ -1,0 +1,190 @@
+"""The study against a team MLflow server: PostgreSQL backend, S3 artifacts via its proxy.
+
+Every check runs in a separate process that knows only the tracking URI (no database, no S3
+keys), as a colleague's laptop would. The load test has eight processes log at once and counts
+every metric back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
+
+SITES = ("hospital", "screening")
+N_JOBS, N_KEYS, N_STEPS = 8, 5, 100  # 500 metric values per job
+
+CHECK = textwrap.dedent(
+    """
+    import json, os, tempfile
+    from pathlib import Path
+    import mlflow, numpy as np
+    from mlflow.tracking import MlflowClient
+
+    assert "AWS_SECRET_ACCESS_KEY" not in os.environ and "MLFLOW_S3_ENDPOINT_URL" not in os.environ
+    client = MlflowClient()
+    out = {"fms": {}, "adapt": [], "artifacts": {}}
+    for site in ("hospital", "screening"):
+        v = client.get_model_version_by_alias(f"fm-{site}", "candidate")
+        out["fms"][site] = {"version": v.version, "source": v.source, "site": v.tags["fm.site"]}
+    adapt = client.get_experiment_by_name("adapt")
+    for r in client.search_runs([adapt.experiment_id], "tags.stage = 'adapt'", max_results=500):
+        out["adapt"].append({"fm": r.data.tags["fm.site"], "task": r.data.tags["task"],
+                             "seed": r.data.tags["seed"], "auroc": r.data.metrics.get("auroc")})
+    tmp = Path(tempfile.mkdtemp())
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/fm-hospital@candidate",
+                                                         dst_path=str(tmp / "model")))
+    out["artifacts"]["onnx"] = sorted(p.name for p in model_dir.rglob("*.onnx"))
+    study = client.get_experiment_by_name("study")
+    run = client.search_runs([study.experiment_id], "tags.stage = 'compare'", max_results=1)[0]
+    report = Path(client.download_artifacts(run.info.run_id, "report.html", str(tmp)))
+    out["artifacts"]["report_bytes"] = report.stat().st_size
+    out["artifacts"]["report_head"] = report.read_text()[:200]
+    model = mlflow.pyfunc.load_model("models:/fm-hospital@candidate")
+    img = int(model.metadata.metadata["preprocessing"]["img_size"])
+    pred = model.predict(np.zeros((2, 3, img, img), dtype=np.float32))
+    feats = next(iter(pred.values())) if isinstance(pred, dict) else np.asarray(pred)
+    out["predict"] = {"shape": list(feats.shape), "finite": bool(np.isfinite(feats).all())}
+    print(json.dumps(out))
+    """
+)
+
+JOB = textwrap.dedent(
+    """
+    import sys, tempfile, time
+    from pathlib import Path
+    import mlflow
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    job, n_keys, n_steps = (int(a) for a in sys.argv[1:4])
+    start_at = float(sys.argv[4])
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("load")
+    exp_id = exp.experiment_id if exp else None
+    if exp_id is None:
+        try:
+            exp_id = client.create_experiment("load")
+        except Exception:
+            exp_id = client.get_experiment_by_name("load").experiment_id
+    run = client.create_run(exp_id, run_name=f"eval-{job}", tags={"load.job": str(job)})
+    rid = run.info.run_id
+    while time.time() < start_at:
+        time.sleep(0.01)
+    t0 = time.time()
+    client.log_batch(rid, params=[Param("job", str(job)), Param("keys", str(n_keys))])
+    for step in range(0, n_steps, 20):  # one batch = 20 steps x n_keys metrics
+        ms = [Metric(f"auroc/group{k}", job + k / 10 + s / 1e4, int(time.time() * 1000), s)
+              for s in range(step, min(step + 20, n_steps)) for k in range(n_keys)]
+        client.log_batch(rid, metrics=ms)
+    art = Path(tempfile.mkdtemp()) / "groups.json"
+    art.write_text('{"job": %d}' % job)
+    client.log_artifact(rid, str(art))
+    client.set_terminated(rid)
+    print(rid, round(time.time() - t0, 3))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def server(team_services):  # noqa: ANN201 - MlflowServer
+    return team_services[2]
+
+
+def client_env(uri: str) -> dict[str, str]:
+    """What a colleague has: the tracking URI, and no S3 or database credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
+    env["MLFLOW_TRACKING_URI"] = uri
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def test_study_over_http_is_complete_for_a_second_process(team_study, server, tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        cwd=tmp_path,
+        env=client_env(server.uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {s: got["fms"][s]["site"] for s in SITES} == {s: s for s in SITES}
+    assert all(got["fms"][s]["source"].startswith(("models:/", "mlflow-artifacts:")) for s in SITES)
+    combos = {(r["fm"], r["task"], r["seed"]) for r in got["adapt"]}
+    assert len(got["adapt"]) == len(combos) == len(SITES) * 3 * 2, got["adapt"]
+    assert all(r["auroc"] is not None and 0.0 <= r["auroc"] <= 1.0 for r in got["adapt"])
+    assert got["artifacts"]["onnx"], got["artifacts"]
+    assert got["artifacts"]["report_bytes"] > 1000
+    assert "<html" in got["artifacts"]["report_head"].lower()
+    assert got["predict"]["shape"][0] == 2 and got["predict"]["finite"]
+
+
+def test_state_lives_in_postgres_and_s3(team_study, team_services) -> None:
+    """Runs and registry rows are in PostgreSQL; artifact bytes are in the S3 bucket."""
+    import psycopg2
+
+    s3, pg, _ = team_services
+    with (
+        psycopg2.connect(
+            host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=pg.dbname
+        ) as conn,
+        conn.cursor() as cur,
+    ):
+        cur.execute("select count(*) from runs")
+        n_runs = cur.fetchone()[0]
+        cur.execute("select name from registered_models order by name")
+        models = [r[0] for r in cur.fetchall()]
+    assert n_runs >= len(SITES) * 3 * 2 and {"fm-hospital", "fm-screening"} <= set(models)
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert any(k.endswith(".onnx") for k in keys), keys[:20]
+    assert any(k.endswith("report.html") for k in keys), keys[:20]
+
+
+def test_eight_parallel_jobs_lose_no_metric(server, tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    start_at = time.time() + 8  # every job has created its run and waits for the same moment
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", JOB, str(j), str(N_KEYS), str(N_STEPS), str(start_at)],
+            cwd=tmp_path,
+            env=client_env(server.uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for j in range(N_JOBS)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    wall = time.time() - start_at
+    for p, (_out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    times = [float(out.split()[1]) for out, _ in results]
+    print(f"{N_JOBS} jobs x {N_KEYS * N_STEPS} metrics: wall {wall:.1f} s, per job {times}")
+
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("load")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert len(runs) == N_JOBS
+    total = 0
+    for r in runs:
+        job = int(r.data.params["job"])
+        assert r.info.status == "FINISHED"
+        for k in range(N_KEYS):
+            history = client.get_metric_history(r.info.run_id, f"auroc/group{k}")
+            assert sorted(m.step for m in history) == list(range(N_STEPS))
+            assert {round(m.value - job - k / 10 - m.step / 1e4, 9) for m in history} == {0.0}
+            total += len(history)
+        assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["groups.json"]
+    assert total == N_JOBS * N_KEYS * N_STEPS
