@@ -21,14 +21,15 @@ from tqdm import tqdm
 
 from retfm.data.shards import load_image
 from retfm.models.encoder import Preprocessing
+from retfm.models.onnx_export import onnx_providers
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 def providers() -> list[str]:
-    available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in wanted if p in available] or available
+    """CUDA only where a GPU is really usable, CPU always. onnxruntime-gpu lists
+    ``CUDAExecutionProvider`` even on a machine without a GPU, so its list alone is not enough."""
+    return onnx_providers()
 
 
 @dataclass

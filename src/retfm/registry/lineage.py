@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,21 @@ _LIBRARIES = ("torch", "timm", "onnx", "onnxruntime-gpu", "onnxruntime", "mlflow
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a safetensors file's content: its header with keys sorted, then its data.
+
+    Identifies "the same weights" across saves: safetensors writes the header's metadata map in
+    an arbitrary order, so two saves of one model can differ byte for byte (and in sha256).
+    """
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()

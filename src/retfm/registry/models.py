@@ -1,6 +1,6 @@
 """Register ONNX models (site FMs, task classifiers) with their lineage, idempotently.
 
-A version is identified by the sha256 of its PyTorch weights: re-running an unchanged pipeline
+A version is identified by the content hash of its PyTorch weights: re-running an unchanged pipeline
 finds the existing version and only re-points the ``candidate`` alias, so no new version appears.
 """
 
@@ -18,7 +18,7 @@ import onnx
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from retfm.registry.lineage import sha256_file
+from retfm.registry.lineage import sha256_file, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,15 @@ class Registration:
         return asdict(self)
 
 
-def find_version(client: MlflowClient, name: str, weights_sha: str) -> str | None:
-    """The existing version of ``name`` built from exactly these weights, if any."""
+def find_version(client: MlflowClient, name: str, weights_content: str) -> str | None:
+    """The existing version of ``name`` built from exactly these weights, if any (matched on
+    :func:`weights_digest`, not the file's sha256, which changes with header order)."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except mlflow.exceptions.MlflowException:
         return None
     for mv in versions:
-        if mv.tags.get("weights.sha256") == weights_sha:
+        if mv.tags.get("weights.content") == weights_content:
             return str(mv.version)
     return None
 
@@ -83,7 +84,8 @@ def register_onnx(
             "not registered"
         )
     weights_sha = sha256_file(weights_path)
-    existing = find_version(client, name, weights_sha)
+    content = weights_digest(weights_path)
+    existing = find_version(client, name, content)
     if existing is not None:
         log.info("%s: weights unchanged, reusing version %s", name, existing)
         client.set_registered_model_alias(name, CANDIDATE, existing)
@@ -107,12 +109,19 @@ def register_onnx(
                 metadata=metadata,
                 extra_files=extra,
                 save_as_external_data=False,
+                # An ONNX graph needs only these to run; stating them skips MLflow's inference
+                # of requirements, a subprocess that re-imports the caller (~3 s per version).
+                pip_requirements=[
+                    *mlflow.onnx.get_default_pip_requirements(),
+                    f"numpy=={np.__version__}",
+                ],
             )
             mlflow.log_metric(f"onnx_parity_max_abs/{name}", parity)
     version = str(info.registered_model_version)
     all_tags = {
         **tags,
         "weights.sha256": weights_sha,
+        "weights.content": content,
         "onnx.parity": f"{parity:.3g}",
         "onnx.opset": str(_opset(onnx_path)),
     }

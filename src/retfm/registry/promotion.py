@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from retfm.registry.models import CANDIDATE, CHAMPION
 from retfm.settings import PromotionSettings
 
 HISTORY_TAG = "champion.history"
+LOCK_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def evaluate_gates(
         )
     )
     if champion is not None:
-        same_data = candidate.get("eval.data") == champion.get("eval.data") is not None
+        cand_data, champ_data = candidate.get("eval.data"), champion.get("eval.data")
+        same_data = cand_data is not None and cand_data == champ_data
         champ = _float(champion, f"eval.{metric}")
         ok = (
             same_data
@@ -106,8 +109,7 @@ def evaluate_gates(
         value = (
             f"{overall} vs champion {champ}"
             if same_data
-            else f"evaluation data differ ({candidate.get('eval.data')} vs "
-            f"{champion.get('eval.data')})"
+            else f"evaluation data differ ({cand_data} vs {champ_data})"
         )
         gates.append(
             Gate(
@@ -120,7 +122,8 @@ def evaluate_gates(
     for factor in factors:
         worst = _float(candidate, f"eval.worst.{metric}.{factor}")
         gap = _float(candidate, f"eval.gap.{metric}.{factor}")
-        small = int(_float(candidate, f"eval.undefined.{factor}") or 0)
+        # A missing or unreadable count is as bad as undefined groups: never assume zero.
+        undefined = _float(candidate, f"eval.undefined.{factor}")
         gates.append(
             Gate(
                 f"worst {factor} group {metric}",
@@ -140,18 +143,29 @@ def evaluate_gates(
         gates.append(
             Gate(
                 f"{factor} groups judgeable",
-                small == 0,
-                f"{small} group(s) undefined or under {cfg.min_group_size} images",
+                undefined == 0,
+                "not evaluated"
+                if undefined is None or not math.isfinite(undefined)
+                else f"{int(undefined)} group(s) undefined or under {cfg.min_group_size} images",
                 "0 (an unjudgeable group never passes silently)",
             )
         )
     return gates
 
 
+def lock_path(tracking_uri: str) -> Path:
+    """The promotion lock file for a store. A relative sqlite path is resolved first, so that
+    ``sqlite:///mlruns/mlflow.db`` and its absolute spelling share one lock. (A remote server is
+    only serialised among promotions run from this machine.)"""
+    uri = str(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"retfm-promote-{key}.lock"
+
+
 def _lock_for(client: MlflowClient) -> FileLock:
-    key = hashlib.sha256(str(client.tracking_uri).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"retfm-promote-{key}.lock"
-    return FileLock(str(path), timeout=120)
+    return FileLock(str(lock_path(client.tracking_uri)), timeout=LOCK_TIMEOUT_S)
 
 
 def _champion(client: MlflowClient, name: str) -> str | None:
@@ -161,10 +175,18 @@ def _champion(client: MlflowClient, name: str) -> str | None:
         return None
 
 
+class PromotionError(RuntimeError):
+    """The promotion or rollback cannot even be judged (unknown model, version or alias)."""
+
+
 def _resolve(client: MlflowClient, name: str, version: str | None) -> str:
-    if version is None or version == CANDIDATE:
-        return str(client.get_model_version_by_alias(name, CANDIDATE).version)
-    return str(client.get_model_version(name, version).version)
+    try:
+        if version is None or version == CANDIDATE:
+            return str(client.get_model_version_by_alias(name, CANDIDATE).version)
+        return str(client.get_model_version(name, version).version)
+    except mlflow.exceptions.MlflowException as err:
+        wanted = f"@{CANDIDATE}" if version in (None, CANDIDATE) else f"version {version}"
+        raise PromotionError(f"{name}: no {wanted} in the registry ({err.message})") from None
 
 
 def _record(client: MlflowClient, decision: Decision, experiment_id: str) -> None:
@@ -208,7 +230,7 @@ def promote(
             all(g.passed for g in gates),
             previous,
             gates,
-            who=getpass.getuser(),
+            who=_who(),
             when=datetime.now(UTC).isoformat(),
         )
         if decision.promoted and previous != target:
@@ -221,8 +243,18 @@ def promote(
     return decision
 
 
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        return "unknown"
+
+
 def _history(client: MlflowClient, name: str) -> list[str]:
-    raw = client.get_registered_model(name).tags.get(HISTORY_TAG, "[]")
+    try:
+        raw = client.get_registered_model(name).tags.get(HISTORY_TAG, "[]")
+    except mlflow.exceptions.MlflowException as err:
+        raise PromotionError(f"{name}: no such registered model ({err.message})") from None
     return [str(v) for v in json.loads(raw)]
 
 
@@ -232,7 +264,10 @@ def rollback(client: MlflowClient, name: str, experiment_id: str) -> Decision:
         history = _history(client, name)
         current = _champion(client, name)
         if not history:
-            raise RuntimeError(f"{name}: no previous champion to roll back to")
+            raise PromotionError(
+                f"{name}: no previous champion to roll back to (champion is "
+                f"{current or 'unset'}; history is recorded by `retfm promote`)"
+            )
         previous = history.pop()
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
@@ -242,7 +277,7 @@ def rollback(client: MlflowClient, name: str, experiment_id: str) -> Decision:
             True,
             current,
             [Gate("rollback", True, f"from {current} to {previous}", "-")],
-            who=getpass.getuser(),
+            who=_who(),
             when=datetime.now(UTC).isoformat(),
         )
         _record(client, decision, experiment_id)
