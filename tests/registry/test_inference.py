@@ -1,5 +1,6 @@
 """``retfm predict`` on a registered ONNX classifier: folders, files and manifests, unreadable
-images reported (never dropped), CSV and parquet, and the execution-provider choice."""
+images reported (never dropped), CSV and parquet, the execution-provider choice, and the INT8
+copy that serving may use instead."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
@@ -22,7 +25,8 @@ from retfm.cli import app
 from retfm.data.shards import load_image
 from retfm.models.classifier import Classifier, probe_head
 from retfm.models.encoder import Preprocessing, build_encoder
-from retfm.models.onnx_export import export_onnx, onnx_parity
+from retfm.models.onnx_export import export_onnx, onnx_parity, read_onnx_metadata
+from retfm.models.quantize import quantize_onnx
 from retfm.registry.inference import OnnxModel, providers
 from retfm.registry.models import register_onnx
 from retfm.settings import ModelPreset
@@ -192,3 +196,21 @@ def test_cuda_is_chosen_only_where_usable_and_cpu_is_the_fallback(workdir: Path)
     else:  # onnxruntime-gpu may list CUDA here; it must not be asked for
         assert providers() == ["CPUExecutionProvider"]
         assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_int8_copy_keeps_the_serving_contract_and_stays_close(tmp_path: Path) -> None:
+    clf = _classifier()
+    fp32 = export_onnx(clf, PREP, tmp_path / "clf.onnx", output_name="probabilities")
+    int8 = quantize_onnx(fp32, tmp_path / "clf.int8.onnx")
+    assert read_onnx_metadata(int8)["preprocessing"] == read_onnx_metadata(fp32)["preprocessing"]
+    assert read_onnx_metadata(int8)["quantization"] == "int8-dynamic"
+    graph = onnx.load(str(int8)).graph
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+    x = np.random.default_rng(1).standard_normal((7, 3, 16, 16)).astype(np.float32)
+    runs = {
+        p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+        for p in (fp32, int8)
+    }
+    assert runs[int8][0].shape == (7, 2)  # dynamic batch kept
+    assert np.allclose(runs[int8][0].sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(runs[int8][0] - runs[fp32][0]).max() < 0.05
