@@ -138,5 +138,21 @@ def team_study(team_services, tmp_path_factory: pytest.TempPathFactory, tiny_dat
     run(["dvc", "add", "-q", "data"], repo, env=env)
     proc = run(["dvc", "repro"], repo, env=env)
     run(["git", "add", "-A"], repo)
+    # metrics with ``cache: false`` live in git, but .gitignore ignores /outputs/ as a whole
+    run(["git", "add", "-f", *uncached_outs(repo)], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "study"], repo)
     return Study(repo, proc)
+
+
+def uncached_outs(repo: Path) -> list[str]:
+    """The outs in dvc.lock that DVC did not gitignore: the ``cache: false`` ones, git's job."""
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = {o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+    def dvc_ignored(path: str) -> bool:
+        ignore = repo / Path(path).parent / ".gitignore"
+        return ignore.is_file() and f"/{Path(path).name}" in ignore.read_text().splitlines()
+
+    return sorted(p for p in outs if not dvc_ignored(p))

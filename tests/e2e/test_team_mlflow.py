@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
 SITES = ("hospital", "screening")
 N_JOBS, N_KEYS, N_STEPS = 8, 5, 100  # 500 metric values per job
+ADMIN_PASSWORD = "retfm-test-admin-7Qx"  # noqa: S105 - a throwaway server on loopback
 
 CHECK = textwrap.dedent(
     """
@@ -188,3 +190,78 @@ def test_eight_parallel_jobs_lose_no_metric(server, tmp_path) -> None:
             total += len(history)
         assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["groups.json"]
     assert total == N_JOBS * N_KEYS * N_STEPS
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> tuple[str, str]:
+    """Read the command's stdout until a line starts with ``prefix``; (line, all read)."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    seen, deadline = "", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        seen += line
+        if line.startswith(prefix):
+            return line.strip(), seen
+    raise AssertionError(f"no {prefix!r} line (rc={proc.poll()}):\n{seen}")
+
+
+def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
+    """``retfm server --local --basic-auth``: refuses anonymous clients, stops every service."""
+    import urllib.error
+    import urllib.request
+
+    from retfm.team import free_port, missing_binaries
+
+    if missing_binaries():
+        pytest.skip("; ".join(missing_binaries().values()))
+    port = free_port()
+    proc = subprocess.Popen(
+        ["retfm", "server", "--local", "--basic-auth", "--workers", "1", "--port", str(port)],
+        cwd=tmp_path,
+        env={
+            **client_env("unused"),
+            "PYTHONUNBUFFERED": "1",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        line, seen = _wait_for_line(proc, "export MLFLOW_TRACKING_URI=", 240)
+        uri = line.split("=", 1)[1]
+        assert uri == f"http://127.0.0.1:{port}"
+        s3_endpoint = next(x.split()[1] for x in seen.splitlines() if x.startswith("S3: "))
+        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(search, timeout=10)  # noqa: S310 - loopback
+        assert refused.value.code == 401
+        env = {
+            **client_env(uri),
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
+        }
+        code = "import mlflow; r = mlflow.start_run(); mlflow.log_metric('m', 1.0); print('ok')"
+        logged = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert logged.returncode == 0 and "ok" in logged.stdout, logged.stderr[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+        proc.wait(60)
+    import socket
+
+    for endpoint in (uri, s3_endpoint):
+        host, p = endpoint.removeprefix("http://").split(":")
+        with socket.socket() as s:
+            assert s.connect_ex((host, int(p))) != 0, f"{endpoint} still listening"

@@ -254,6 +254,8 @@ def seaweedfs_s3(
         "-s3",
         f"-s3.port={s3}",
         f"-s3.config={config}",
+        "-s3.port.iceberg=0",  # the Iceberg and Lance catalogs take fixed ports (8181, 9101)
+        "-s3.port.lance=0",  # that a second instance on the host would collide with
         f"-metricsPort={free_port(host)}",
     ]
     # SeaweedFS's graceful stop waits on its lock ring for ~15 s; objects are on disk already
@@ -429,6 +431,22 @@ def _http_ok(url: str) -> bool:
         return err.code == 401
 
 
+def _secret_key(path: Path) -> str:
+    """The CSRF key basic-auth needs: MLFLOW_FLASK_SERVER_SECRET_KEY, else one kept in ``path``.
+
+    Kept in a file so that a restarted server (or a second replica reading the same file)
+    accepts the sessions and forms of the first.
+    """
+    if os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        return os.environ["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    if not path.is_file():
+        import secrets
+
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 @contextmanager
 def mlflow_server(
     workdir: Path,
@@ -448,12 +466,20 @@ def mlflow_server(
     Clients then need neither S3 credentials nor the database: only the tracking URI. With
     ``basic_auth`` the server runs ``--app-name basic-auth`` (clients set
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; its user database lives in
-    ``workdir``).
+    ``workdir``; the first start needs MLFLOW_AUTH_ADMIN_PASSWORD, from the environment or
+    ``extra_env``).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
-    env = {**(s3.env if s3 else {}), **(extra_env or {})}
+    # MLflow 3's GenAI job runner (seven huey consumers, ~250 MB each) serves no part of the
+    # study; off unless asked for through extra_env.
+    env = {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_AUTH_ADMIN_")},
+        **(s3.env if s3 else {}),
+        **(extra_env or {}),
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -474,16 +500,21 @@ def mlflow_server(
     if basic_auth:
         cmd += ["--app-name", "basic-auth"]
         auth_ini = workdir / "basic_auth.ini"
-        if not auth_ini.exists():
-            auth_ini.write_text(
-                "[mlflow]\n"
-                "default_permission = READ\n"
-                f"database_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
-                f"admin_username = {os.environ.get('MLFLOW_ADMIN_USERNAME', 'admin')}\n"
-                f"admin_password = {os.environ.get('MLFLOW_ADMIN_PASSWORD', 'password1234')}\n"
-                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        if not (env.get("MLFLOW_AUTH_ADMIN_PASSWORD") or (workdir / "basic_auth.db").exists()):
+            raise ServiceError(
+                "basic auth: set MLFLOW_AUTH_ADMIN_PASSWORD (and optionally "
+                "MLFLOW_AUTH_ADMIN_USERNAME, default admin) for the first start"
             )
+        # no password in the file: MLflow reads MLFLOW_AUTH_ADMIN_* from the environment
+        auth_ini.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{workdir.resolve() / 'basic_auth.db'}\n"
+            "admin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", _secret_key(workdir / "secret_key"))
     proc = start_process("mlflow-server", cmd, workdir / "mlflow-server.log", env=env)
     uri = f"http://{host}:{port}"
     with running(proc):
