@@ -1,5 +1,5 @@
 # The two commands a newcomer needs:  `make demo`  and  `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.retfm-installed
