@@ -332,27 +332,55 @@ def test_the_lock_is_per_store_and_really_taken(registry) -> None:
     assert "promotion.last" not in client.get_model_version(NAME, "1").tags
 
 
+# `retfm promote`, with a hook that says when it reaches the lock and a 1 s pause between
+# reading the champion and moving it: without the lock, two promotions would both judge
+# against the old champion, and the test below would see it.
+RACER = """
+import sys, time
+from retfm.registry import promotion as p
+gates, lock = p.evaluate_gates, p._lock_for
+p.evaluate_gates = lambda *a, **k: (time.sleep(1.0), gates(*a, **k))[1]
+p._lock_for = lambda client: (print("at-lock", flush=True), lock(client))[1]
+from retfm.cli import app
+app(sys.argv[1:])
+"""
+
+
 @pytest.mark.e2e  # starts retfm processes (several seconds each)
 def test_concurrent_promotions_leave_champion_on_a_version_that_passed(registry) -> None:
-    """v2 beats v1 and v3; v3 beats v1 but not v2. Whichever runs first, the champion must end
-    on v2, and each move must have been judged against the champion it replaced."""
+    """v2 beats v1 and v3; v3 beats v1 but not v2. Both start at the same moment; whichever
+    wins, the champion must end on v2 and each move must have been judged against the champion
+    it replaced."""
     client, tmp = registry
     _tag(client, "1", evaluation(0.80))
     _tag(client, "2", evaluation(0.85))
     _tag(client, "3", evaluation(0.82))
     assert promote(client, NAME, "1", CFG, FACTORS, _exp(client, tmp)).promoted
     uri = client.tracking_uri
-    procs = {
-        v: subprocess.Popen(
-            [RETFM, "promote", NAME, "--version", v, "--params", "params.yaml"],
-            cwd=tmp,
-            env=_env(uri),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for v in ("2", "3")
-    }
+    with FileLock(str(lock_path(uri))):  # hold both at the gate, then release them together
+        procs = {
+            v: subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    RACER,
+                    "promote",
+                    NAME,
+                    "--version",
+                    v,
+                    "--params",
+                    "params.yaml",
+                ],
+                cwd=tmp,
+                env=_env(uri),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for v in ("2", "3")
+        }
+        for proc in procs.values():
+            assert proc.stdout.readline().strip() == "at-lock", proc.stderr.read()
     codes = {v: p.wait(timeout=300) for v, p in procs.items()}
     assert codes["2"] == 0, procs["2"].stdout.read() + procs["2"].stderr.read()
     assert _champion(client) == "2"
