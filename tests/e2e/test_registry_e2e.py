@@ -128,7 +128,7 @@ def test_predict_on_study_images_matches_the_adapt_stage(study, sh) -> None:  # 
         np.abs(joined[f"prob_{i}_adapt"] - joined[f"prob_{i}_predict"]).max() for i in range(k)
     )
     assert diff < 1e-3, f"retfm predict differs from the adapt stage by {diff:.2g}"
-    assert set(table["predicted"]) <= set(runs["classes"])
+    assert set(table["predicted"].astype(str)) <= set(runs["classes"])
 
 
 def test_promote_reads_the_study_evaluation_and_reports_every_gate(study, sh) -> None:  # noqa: ANN001
