@@ -5,6 +5,7 @@ the ``eval.*`` tags on each FM version that promotion gates read."""
 from __future__ import annotations
 
 import json
+import sys
 
 import mlflow
 import numpy as np
@@ -77,7 +78,7 @@ def main() -> None:
     summary["report"] = str(html)
     tracking.write_json(out / "summary.json", summary)
     _track(settings, runs, summary, tables, out)
-    print_summary(summary, __import__("sys").stdout)
+    print_summary(summary, sys.stdout)
 
 
 def _check_recipes(settings: Settings) -> None:
