@@ -164,10 +164,12 @@ class AdaptSettings(_Frozen):
     min_lr: float = Field(1e-6, ge=0)
 
 
+Factor = Literal["age", "sex", "ethnicity"]
+FACTORS: tuple[Factor, ...] = ("age", "sex", "ethnicity")
+
+
 class EvaluationSettings(_Frozen):
-    factors: list[Literal["age", "sex", "ethnicity"]] = Field(
-        default_factory=lambda: ["age", "sex", "ethnicity"]
-    )
+    factors: list[Factor] = Field(default_factory=lambda: list(FACTORS))
     age_bins: dict[str, list[float]] = Field(
         default_factory=lambda: {"age": [60.0], "age_fine": [40.0, 60.0, 80.0]}
     )

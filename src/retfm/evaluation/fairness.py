@@ -174,7 +174,14 @@ def fairness_summary(table: pd.DataFrame, overall_auroc: float) -> dict[str, Any
 
 # ---- MLflow metric keys -------------------------------------------------------------------
 
-_SIGNS = ((" & ", "_x_"), ("*", "_x_"), (">=", "ge"), ("<=", "le"), ("<", "lt"), (">", "gt"))
+_SIGNS: tuple[tuple[str, str], ...] = (
+    (" & ", "_x_"),
+    ("*", "_x_"),
+    (">=", "ge"),
+    ("<=", "le"),
+    ("<", "lt"),
+    (">", "gt"),
+)
 _SIGNS += (("+", "plus"), ("=", "eq"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 

@@ -71,18 +71,20 @@ def delong_test(y_true: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> dict[st
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     se = float(np.sqrt(max(var, 0.0)))
+    z: float
+    p_value: float
     if se <= 1e-12:
-        z, p = (0.0, 1.0) if abs(diff) <= 1e-12 else (float(np.sign(diff) * np.inf), 0.0)
+        z, p_value = (0.0, 1.0) if abs(diff) <= 1e-12 else (float(np.sign(diff) * np.inf), 0.0)
     else:
         z = diff / se
-        p = float(2 * stats.norm.sf(abs(z)))
+        p_value = float(2 * stats.norm.sf(abs(z)))
     return {
         "auc_a": float(aucs[0]),
         "auc_b": float(aucs[1]),
         "diff": diff,
         "se": se,
         "z": z,
-        "p": p,
+        "p": p_value,
     }
 
 

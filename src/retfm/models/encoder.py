@@ -70,7 +70,10 @@ def encode(encoder: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
 
 
 def save_encoder(
-    path: Path, encoder: VisionTransformer, arch: ModelPreset, prep: Preprocessing,
+    path: Path,
+    encoder: VisionTransformer,
+    arch: ModelPreset,
+    prep: Preprocessing,
     extra: dict[str, str] | None = None,
 ) -> Path:
     """Weights as safetensors (no pickle), with arch and preprocessing in the header metadata."""
@@ -83,7 +86,9 @@ def save_encoder(
     return path
 
 
-def load_encoder(path: Path) -> tuple[VisionTransformer, ModelPreset, Preprocessing, dict[str, str]]:
+def load_encoder(
+    path: Path,
+) -> tuple[VisionTransformer, ModelPreset, Preprocessing, dict[str, str]]:
     """Rebuild an encoder saved by :func:`save_encoder` (eval mode)."""
     from safetensors import safe_open
 

@@ -58,7 +58,7 @@ class OnnxModel:
 
     def run(self, images_uint8: np.ndarray) -> np.ndarray:
         """(B, S, S, 3) uint8 -> model output (B, D)."""
-        x = images_uint8.astype(np.float32) / 255.0
+        x: np.ndarray = images_uint8.astype(np.float32) / np.float32(255.0)
         x = (x - np.asarray(self.prep.mean, np.float32)) / np.asarray(self.prep.std, np.float32)
         feed = {self.session.get_inputs()[0].name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
         return self.session.run([self.output], feed)[0]
@@ -100,7 +100,7 @@ def predict_files(model_uri: str, inputs: Iterable[Path], *, batch_size: int = 6
         outputs = model.run(np.stack(images))
         prefix = "prob" if model.output == "probabilities" else "feature"
         for path, out in zip(good, outputs, strict=True):
-            row = {"path": str(path), "status": "ok"}
+            row: dict[str, object] = {"path": str(path), "status": "ok"}
             row.update({f"{prefix}_{i}": float(v) for i, v in enumerate(out)})
             if names and prefix == "prob":
                 row["predicted"] = names[int(np.argmax(out))]

@@ -56,7 +56,9 @@ def write_report(
         f"seeds; profile {summary['profile']}. Aligned FM significantly better on "
         f"{summary['alignment']['n_better']} of {summary['alignment']['n_tasks']} tasks."
     )
-    blocks = [("Overview: FM x task AUROC", "mean ± sd over seeds", overview, [])]
+    blocks: list[tuple[str, str, pd.DataFrame | None, list[Path]]] = [
+        ("Overview: FM x task AUROC", "mean ± sd over seeds", overview, [])
+    ]
     blocks.append((SECTIONS[0][1], SECTIONS[0][2], None, figures.get("alignment", [])))
     blocks.append(
         (
