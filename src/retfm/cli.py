@@ -288,7 +288,9 @@ def server(
         try:
             if local:
                 s3, pg, srv = stack.enter_context(
-                    team_stack(workdir, workers=workers, basic_auth=basic_auth, port=port)
+                    team_stack(
+                        workdir, workers=workers, basic_auth=basic_auth, port=port, persist=True
+                    )
                 )
                 typer.echo(f"PostgreSQL: {pg.uri}\nS3: {s3.endpoint} (data in {s3.data_dir})")
             else:

@@ -145,14 +145,13 @@ def team_study(team_services, tmp_path_factory: pytest.TempPathFactory, tiny_dat
 
 
 def uncached_outs(repo: Path) -> list[str]:
-    """The outs in dvc.lock that DVC did not gitignore: the ``cache: false`` ones, git's job."""
-    import yaml
+    """The repo's ``cache: false`` outs (metrics), the ones git rather than DVC keeps."""
+    from dvc.repo import Repo
 
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    outs = {o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
-
-    def dvc_ignored(path: str) -> bool:
-        ignore = repo / Path(path).parent / ".gitignore"
-        return ignore.is_file() and f"/{Path(path).name}" in ignore.read_text().splitlines()
-
-    return sorted(p for p in outs if not dvc_ignored(p))
+    with Repo(str(repo)) as dvc_repo:
+        return sorted(
+            str(Path(out.fs_path).relative_to(repo))
+            for stage in dvc_repo.index.stages
+            for out in stage.outs
+            if not out.use_cache
+        )

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -172,7 +174,7 @@ def test_eight_parallel_jobs_lose_no_metric(server, tmp_path) -> None:
     wall = time.time() - start_at
     for p, (_out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]
-    times = [float(out.split()[1]) for out, _ in results]
+    times = [float(out.strip().splitlines()[-1].split()[1]) for out, _ in results]
     print(f"{N_JOBS} jobs x {N_KEYS * N_STEPS} metrics: wall {wall:.1f} s, per job {times}")
 
     client = MlflowClient(server.uri)
@@ -223,8 +225,14 @@ def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
     if missing_binaries():
         pytest.skip("; ".join(missing_binaries().values()))
     port = free_port()
+    # PostgreSQL runs as `postgres` when root: its data folder must be reachable by that user
+    workdir = Path(tempfile.mkdtemp(prefix="retfm-server-"))
+    workdir.chmod(0o755)
     proc = subprocess.Popen(
-        ["retfm", "server", "--local", "--basic-auth", "--workers", "1", "--port", str(port)],
+        [
+            *("retfm", "server", "--local", "--basic-auth", "--workers", "1"),
+            *("--port", str(port), "--workdir", str(workdir / "state")),
+        ],
         cwd=tmp_path,
         env={
             **client_env("unused"),
@@ -255,10 +263,12 @@ def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
         )
         assert logged.returncode == 0 and "ok" in logged.stdout, logged.stderr[-3000:]
+        assert (workdir / "state/postgres/data/PG_VERSION").is_file()  # kept for a restart
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends
         proc.wait(60)
+        shutil.rmtree(workdir, ignore_errors=True)
     import socket
 
     for endpoint in (uri, s3_endpoint):

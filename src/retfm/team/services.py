@@ -249,7 +249,7 @@ def seaweedfs_s3(
         f"-master.port={ports['master']}",
         "-master.volumeSizeLimitMB=64",
         f"-volume.port={ports['volume']}",
-        "-volume.max=20",
+        "-volume.max=200",  # each bucket is a collection that grows ~7 (sparse) volumes
         f"-filer.port={ports['filer']}",
         "-s3",
         f"-s3.port={s3}",
@@ -314,6 +314,30 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
     return ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(cmd)]
 
 
+def _initdb(initdb: Path, data: Path, user: str, pwfile: Path) -> None:
+    init = subprocess.run(
+        _as_postgres_user(
+            [
+                str(initdb),
+                "-D",
+                str(data),
+                "-U",
+                user,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if init.returncode != 0:
+        raise ServiceError(f"initdb failed:\n{init.stdout[-2000:]}\n{init.stderr[-2000:]}")
+
+
 @contextmanager
 def postgres(
     workdir: Path | None = None,
@@ -325,11 +349,13 @@ def postgres(
     port: int | None = None,
     timeout_s: float = 60.0,
 ) -> Iterator[Postgres]:
-    """A fresh PostgreSQL cluster with one database and a password (scram) user.
+    """A PostgreSQL cluster with one database and a password (scram) user.
 
-    The cluster lives in its own folder (made under the system temp dir when ``workdir`` is
-    None, because when run as root the ``postgres`` user must be able to reach it), listens on
-    ``host`` only, and keeps its unix socket in that folder, never in /var/run.
+    With ``workdir`` the cluster persists there (created on first use, reused afterwards);
+    without, it lives in a temporary folder removed on exit. When run as root, PostgreSQL runs
+    as the ``postgres`` user, which must be able to reach ``workdir`` (pytest's tmp_path, mode
+    0700 under root, is not). It listens on ``host`` only and keeps its unix socket in that
+    folder, never in /var/run.
     """
     initdb = find_binary("initdb", PG_BIN_DIRS)
     server = find_binary("postgres", PG_BIN_DIRS)
@@ -341,33 +367,21 @@ def postgres(
     data, sock, pwfile = base / "data", base / "sock", base / "pwfile"
     sock.mkdir(exist_ok=True)
     pwfile.write_text(password + "\n")
+    pwfile.chmod(0o600)
     if os.geteuid() == 0:
         for p in (base, sock, pwfile):
             shutil.chown(p, "postgres", "postgres")
+        reach = subprocess.run(_as_postgres_user(["test", "-w", str(base)]), check=False)
+        if reach.returncode != 0:
+            raise ServiceError(
+                f"the postgres user cannot reach {base}: choose a folder whose parents it "
+                "may traverse (e.g. not under a 0700 root-owned temp dir)"
+            )
     port = port or free_port(host)
     log_path = base / "postgres.log"
     try:
-        init = subprocess.run(
-            _as_postgres_user(
-                [
-                    str(initdb),
-                    "-D",
-                    str(data),
-                    "-U",
-                    user,
-                    f"--pwfile={pwfile}",
-                    "--auth=scram-sha-256",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                ]
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if init.returncode != 0:
-            raise ServiceError(f"initdb failed:\n{init.stdout[-2000:]}\n{init.stderr[-2000:]}")
+        if not (data / "PG_VERSION").is_file():
+            _initdb(initdb, data, user, pwfile)
         cmd = _as_postgres_user(
             [
                 str(server),
@@ -403,7 +417,9 @@ def postgres(
             )
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{dbname}"')
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{dbname}"')
             conn.close()
             yield service
     finally:
@@ -530,15 +546,17 @@ def team_stack(
     workers: int = 2,
     basic_auth: bool = False,
     port: int | None = None,
+    persist: bool = False,
 ) -> Iterator[tuple[S3Service, Postgres, MlflowServer]]:
     """SeaweedFS + PostgreSQL + MLflow server, all on loopback, stopped in reverse order.
 
     The MLflow server listens on ``port`` (a free one when None); the others on free ports.
+    S3 data stays in ``workdir``; PostgreSQL's too with ``persist`` (else a temporary folder).
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     with ExitStack() as stack:
         s3 = stack.enter_context(seaweedfs_s3(workdir / "s3", buckets=(bucket,)))
-        pg = stack.enter_context(postgres())
+        pg = stack.enter_context(postgres(workdir / "postgres" if persist else None))
         server = stack.enter_context(
             mlflow_server(
                 workdir / "mlflow",
