@@ -157,6 +157,8 @@ class AdaptSettings(_Frozen):
     batch_size: PositiveInt = 64
     base_lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    probe_base_lr: float = Field(0.1, gt=0)
+    probe_weight_decay: float = Field(0.0, ge=0)
     warmup_epochs: Annotated[int, Field(ge=0)] = 3
     layer_decay: float = Field(0.65, gt=0, le=1)
     drop_path: Fraction = 0.2

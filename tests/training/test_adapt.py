@@ -146,7 +146,7 @@ def test_probe_lr_warms_up_then_decays_to_min(encoder_path: Path) -> None:
     images, meta = make_task()
     history = adapt(encoder_path, images, meta, PROBE, seed=0, progress=False).history
     lrs = [h["lr"] for h in history]
-    peak = PROBE.base_lr * PROBE.batch_size / 256
+    peak = PROBE.probe_base_lr * PROBE.batch_size / 256
     assert lrs[0] < lrs[1] < lrs[2] <= peak * (1 + 1e-9)
     assert lrs[-1] == pytest.approx(PROBE.min_lr, rel=1e-6)
     assert all(b <= a for a, b in zip(lrs[3:], lrs[4:], strict=False))

