@@ -214,3 +214,15 @@ def test_int8_copy_keeps_the_serving_contract_and_stays_close(tmp_path: Path) ->
     assert runs[int8][0].shape == (7, 2)  # dynamic batch kept
     assert np.allclose(runs[int8][0].sum(axis=1), 1.0, atol=1e-5)
     assert np.abs(runs[int8][0] - runs[fp32][0]).max() < 0.05
+
+
+def test_predict_int8_option_runs_a_quantised_copy(workdir: Path) -> None:
+    _images(workdir / "images")
+    code, out, err = _predict(str(workdir / "images"), "--model", MODEL, "--int8", "--out", "q.csv")
+    assert code == 0, out + err
+    table = pd.read_csv(workdir / "q.csv")
+    ok = table[table["status"] == "ok"]
+    assert len(ok) == 3
+    for _, row in ok.iterrows():
+        diff = np.abs(row[["prob_0", "prob_1"]].to_numpy(float) - _expected(Path(row["path"])))
+        assert diff.max() < 0.1  # close to fp32, but a different (quantised) model

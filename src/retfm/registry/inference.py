@@ -42,7 +42,8 @@ class OnnxModel:
     metadata: dict
 
     @classmethod
-    def load(cls, model_uri: str) -> OnnxModel:
+    def load(cls, model_uri: str, *, int8: bool = False) -> OnnxModel:
+        """``int8``: run an INT8 dynamically quantised copy (see benchmarks/bench_onnx.py)."""
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
         model = Model.load(str(local))
         flavor = model.flavors.get("onnx")
@@ -53,7 +54,12 @@ class OnnxModel:
             raise ValueError(f"{model_uri}: no preprocessing in the model metadata")
         raw = meta["preprocessing"]
         prep = Preprocessing(int(raw["img_size"]), tuple(raw["mean"]), tuple(raw["std"]))
-        session = ort.InferenceSession(str(local / flavor["data"]), providers=providers())
+        onnx_file = local / flavor["data"]
+        if int8:
+            from retfm.models.quantize import quantize_onnx
+
+            onnx_file = quantize_onnx(onnx_file, onnx_file.with_name("model.int8.onnx"))
+        session = ort.InferenceSession(str(onnx_file), providers=providers())
         return cls(session, prep, session.get_outputs()[0].name, meta)
 
     def run(self, images_uint8: np.ndarray) -> np.ndarray:
@@ -80,9 +86,11 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return found
 
 
-def predict_files(model_uri: str, inputs: Iterable[Path], *, batch_size: int = 64) -> pd.DataFrame:
+def predict_files(
+    model_uri: str, inputs: Iterable[Path], *, batch_size: int = 64, int8: bool = False
+) -> pd.DataFrame:
     """One row per input image: path, status ('ok' or the reason), and the model's outputs."""
-    model = OnnxModel.load(model_uri)
+    model = OnnxModel.load(model_uri, int8=int8)
     paths = expand_inputs(inputs)
     names = model.metadata.get("classes")
     rows: list[dict] = []
