@@ -287,6 +287,7 @@ def server(
     if not local and not (backend_store_uri and artifacts_destination):
         _fail("give --backend-store-uri and --artifacts-destination, or --local")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the services on SIGTERM too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     with ExitStack() as stack:
         try:
             if local:
