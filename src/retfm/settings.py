@@ -175,6 +175,7 @@ class EvaluationSettings(_Frozen):
     age_bins: dict[str, list[float]] = Field(
         default_factory=lambda: {"age": [60.0], "age_fine": [40.0, 60.0, 80.0]}
     )
+    intersections: list[str] = Field(default_factory=list)  # e.g. ["age*sex"]
     min_group_size: PositiveInt = 10
     n_boot: Annotated[int, Field(ge=0)] = 200
     ci: float = Field(0.95, gt=0, lt=1)

@@ -29,17 +29,17 @@ def groupings(cfg: EvaluationSettings, preds: pd.DataFrame) -> list[str]:
     if "age" in cfg.factors and "age" in preds.columns:
         names += list(cfg.age_bins)
     names += [f for f in cfg.factors if f != "age" and f in preds.columns]
-    return names
+    return names + [c for c in cfg.intersections if all(p in names for p in c.split("*"))]
 
 
 def evaluate_predictions(
     preds: pd.DataFrame, cfg: EvaluationSettings, *, seed: int = 0
 ) -> RunEvaluation:
     age_bins = cfg.age_bins if "age" in cfg.factors and "age" in preds.columns else {}
-    grouped = add_groups(preds, age_bins)
+    factors = groupings(cfg, preds)
+    grouped = add_groups(preds, age_bins, [f for f in factors if "*" in f])
     y, probs = arrays(grouped)
     overall = overall_metrics(y, probs)
-    factors = groupings(cfg, preds)
     tables = [subgroup_table(grouped, f, min_group_size=cfg.min_group_size) for f in factors]
     summaries = [fairness_summary(t, overall["auroc"]) for t in tables]
     keys = metric_keys(overall, tables, summaries)
