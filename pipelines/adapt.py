@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from retfm import tracking
 from retfm.data.shards import PackedSet
-from retfm.models.encoder import load_encoder
+from retfm.models.encoder import Preprocessing, load_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
 from retfm.registry.models import register_onnx, write_registration
 from retfm.settings import Settings, load_settings
@@ -58,7 +58,6 @@ def main(fm: str, task: str) -> None:
     }
     frames, runs, best = [], {}, None
     for seed in cfg.seeds:
-        torch.manual_seed(seed)
         result = adapt(weights, images, meta, cfg, seed=seed, features=features)
         with tracking.run(
             settings,
@@ -82,7 +81,7 @@ def main(fm: str, task: str) -> None:
     predictions.to_parquet(out / "predictions.parquet", index=False)
     assert best is not None
     reg = _register_classifier(
-        settings, fm, task, best[0], best[1], tags, runs[str(best[0])], weights, out
+        settings, fm, task, best[0], best[1], tags, runs[str(best[0])], prep, out
     )
     tracking.write_json(
         out / "runs.json",
@@ -114,12 +113,11 @@ def _register_classifier(
     result: AdaptResult,
     tags: dict[str, str],
     run_id: str,
-    weights: Path,
+    prep: Preprocessing,
     out: Path,
 ) -> dict:
     """Export the best seed's classifier to ONNX and register it with its lineage."""
     clf = result.classifier.eval()
-    _, _, prep, _ = load_encoder(weights)
     size = settings.model.arch.img_size
     onnx_path = export_onnx(clf, prep, out / "classifier.onnx", output_name="probabilities")
     parity = onnx_parity(clf, onnx_path)
