@@ -87,6 +87,6 @@ def test_second_repro_finds_nothing_to_do(study, sh) -> None:
 
 def test_rerun_creates_no_new_registry_versions(study, sh, client: MlflowClient) -> None:
     before = {site: len(client.search_model_versions(f"name = 'fm-{site}'")) for site in SITES}
-    sh(["dvc", "repro", "--force", "register@hospital"], study.path)
+    sh(["dvc", "repro", "--force", "--single-item", "register@hospital"], study.path)
     after = {site: len(client.search_model_versions(f"name = 'fm-{site}'")) for site in SITES}
     assert before == after

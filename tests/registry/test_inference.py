@@ -16,7 +16,6 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -51,42 +50,36 @@ def _classifier() -> Classifier:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(tmp_path_factory: pytest.TempPathFactory, use_store) -> Path:  # noqa: ANN001
     """A registry holding one tiny real classifier (ONNX, probabilities), built once."""
     tmp = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
-    exp = client.create_experiment("adapt", artifact_location=(tmp / "artifacts").as_uri())
-    clf = _classifier()
-    onnx_path = export_onnx(clf, PREP, tmp / "classifier.onnx", output_name="probabilities")
-    weights = tmp / "classifier.safetensors"
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(weights))
-    example = np.zeros((2, 3, 16, 16), dtype=np.float32)
-    with torch.inference_mode():
-        probs = clf(torch.from_numpy(example)).numpy()
-    register_onnx(
-        client,
-        name=NAME,
-        onnx_path=onnx_path,
-        weights_path=weights,
-        run_id=client.create_run(exp).info.run_id,
-        parity=onnx_parity(clf, onnx_path),
-        input_example=example,
-        output_example=probs,
-        metadata={
-            "preprocessing": json.loads(PREP.to_json()),
-            "classes": CLASSES,
-            "output": "probabilities",
-        },
-        tags={"task": "test"},
-        attachments={},
-        description="tiny test classifier",
-    )
-    mlflow.set_tracking_uri(before[0])
-    mlflow.set_registry_uri(before[1])
+    with use_store(f"sqlite:///{tmp / 'mlflow.db'}") as client:
+        exp = client.create_experiment("adapt", artifact_location=(tmp / "artifacts").as_uri())
+        clf = _classifier()
+        onnx_path = export_onnx(clf, PREP, tmp / "classifier.onnx", output_name="probabilities")
+        weights = tmp / "classifier.safetensors"
+        save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(weights))
+        example = np.zeros((2, 3, 16, 16), dtype=np.float32)
+        with torch.inference_mode():
+            probs = clf(torch.from_numpy(example)).numpy()
+        register_onnx(
+            client,
+            name=NAME,
+            onnx_path=onnx_path,
+            weights_path=weights,
+            run_id=client.create_run(exp).info.run_id,
+            parity=onnx_parity(clf, onnx_path),
+            input_example=example,
+            output_example=probs,
+            metadata={
+                "preprocessing": json.loads(PREP.to_json()),
+                "classes": CLASSES,
+                "output": "probabilities",
+            },
+            tags={"task": "test"},
+            attachments={},
+            description="tiny test classifier",
+        )
     return tmp / "mlflow.db"
 
 

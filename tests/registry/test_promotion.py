@@ -162,19 +162,15 @@ def _register(client: MlflowClient, tmp: Path, seed: int, run_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def populated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def populated_db(tmp_path_factory: pytest.TempPathFactory, use_store) -> Path:  # noqa: ANN001
     """A registry with versions 1, 2, 3 of ``fm-hospital`` (real ONNX), built once and copied."""
     tmp = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
-    exp = client.create_experiment("pretrain", artifact_location=(tmp / "artifacts").as_uri())
-    versions = [_register(client, tmp, s, client.create_run(exp).info.run_id) for s in (1, 2, 3)]
-    assert versions == ["1", "2", "3"]
-    mlflow.set_tracking_uri(before[0])
-    mlflow.set_registry_uri(before[1])
+    with use_store(f"sqlite:///{tmp / 'mlflow.db'}") as client:
+        exp = client.create_experiment("pretrain", artifact_location=(tmp / "artifacts").as_uri())
+        versions = [
+            _register(client, tmp, s, client.create_run(exp).info.run_id) for s in (1, 2, 3)
+        ]
+        assert versions == ["1", "2", "3"]
     return tmp / "mlflow.db"
 
 
