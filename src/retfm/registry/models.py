@@ -144,5 +144,9 @@ def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str
 
 
 def write_registration(path: Path, reg: Registration) -> None:
+    """The stage's record of the version. ``created`` is left out: whether this run made the
+    version or found it is not a property of the model, and would make an unchanged rerun
+    look like a changed output to DVC."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(reg.to_dict(), indent=2, sort_keys=True) + "\n")
+    record = {k: v for k, v in reg.to_dict().items() if k != "created"}
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
