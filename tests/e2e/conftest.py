@@ -64,7 +64,7 @@ def shipped_files() -> list[str]:
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
-def clone_repo(dest: Path, profile: str = "tiny") -> Path:
+def clone_repo(dest: Path, profile: str | None = "tiny") -> Path:
     """Copy what git ships into ``dest``, make it a git repo, apply the profile."""
     for rel in shipped_files():
         target = dest / rel
@@ -73,7 +73,8 @@ def clone_repo(dest: Path, profile: str = "tiny") -> Path:
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clone"], dest)
-    run(["retfm", "profile", profile], dest)
+    if profile is not None:
+        run(["retfm", "profile", profile], dest)
     return dest
 
 
@@ -155,3 +156,9 @@ def uncached_outs(repo: Path) -> list[str]:
             for out in stage.outs
             if not out.use_cache
         )
+
+
+@pytest.fixture(scope="session")
+def clone() -> Callable[..., Path]:
+    """``clone(dest, profile)``: a fresh copy of what git ships, as its own git repo."""
+    return clone_repo
