@@ -24,30 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retfm.data.schema import age_band
+from retfm.data.schema import age_band_labels, age_bands
 
 AGE = "age"
 AGE_BAND = "age_band"
 UNKNOWN = "unknown"
-
-
-def age_band_labels(edges: Iterable[float]) -> list[str]:
-    """Band labels in age order, as :func:`retfm.data.schema.age_band` writes them."""
-    edges = [float(e) for e in edges]
-    if not edges:
-        return [age_band(0.0, edges)]
-    representatives = [edges[0] - 1.0, *edges]
-    return [age_band(a, edges) for a in representatives]
-
-
-def assign_age_bands(ages: np.ndarray, edges: Iterable[float]) -> np.ndarray:
-    """Vectorised :func:`retfm.data.schema.age_band`: a label per age (NaN -> ``unknown``)."""
-    edges = [float(e) for e in edges]
-    labels = np.array([*age_band_labels(edges), UNKNOWN], dtype=object)
-    ages = np.asarray(ages, dtype=float)
-    index = np.searchsorted(np.asarray(edges), ages, side="right")
-    index[np.isnan(ages)] = len(labels) - 1
-    return labels[index]
 
 
 def smd_continuous(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -138,7 +119,7 @@ def _prepare(
         out[AGE_BAND] = (
             frame[AGE_BAND].astype("string").fillna(UNKNOWN)
             if AGE_BAND in frame.columns
-            else assign_age_bands(out[AGE].to_numpy(), edges)
+            else age_bands(out[AGE].to_numpy(), edges)
         )
     if "patient_id" in frame.columns:
         out["patient_id"] = frame["patient_id"]

@@ -32,8 +32,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
-from retfm.cohorts.balance import age_band_labels, assign_age_bands
 from retfm.cohorts.sampling import site_rng
+from retfm.data.schema import age_band_labels, age_bands
 
 ANALYSIS_SIDE = 512
 CARD_VERSION = 1
@@ -118,7 +118,7 @@ def _age_section(cohort: pd.DataFrame, age_edges: list[float]) -> dict[str, Any]
     )
     edges = np.arange(0.0, top + _AGE_BIN_WIDTH, _AGE_BIN_WIDTH)
     hist, _ = np.histogram(np.clip(known, 0.0, None), bins=edges)
-    bands = pd.Series(assign_age_bands(age, age_edges)).value_counts()
+    bands = pd.Series(age_bands(age, age_edges)).value_counts()
     band_order = [*age_band_labels(age_edges), "unknown"]
     return {
         "summary": {**_summary(known), "missing": int(np.isnan(age).sum())},

@@ -42,7 +42,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from retfm.cohorts.balance import age_band_labels, assign_age_bands, balance_report
+from retfm.cohorts.balance import balance_report
+from retfm.data.schema import age_band_labels, age_bands
 
 Strategy = Literal["random", "stratified", "matched"]
 STRATEGIES: tuple[str, ...] = ("random", "stratified", "matched")
@@ -191,7 +192,7 @@ def sample_cohort(
 
     chosen = _take(draw, stratum_row, quota, index)
     cohort = pool.iloc[chosen].reset_index(drop=True)
-    cohort[AGE_BAND] = assign_age_bands(cohort["age"].to_numpy(dtype=float), age_edges)
+    cohort[AGE_BAND] = age_bands(cohort["age"].to_numpy(dtype=float), age_edges)
     report = _report(
         site=site,
         size=size,
@@ -359,7 +360,7 @@ def _patient_table(
     for var in balance_on:
         if var == AGE_BAND:
             age = pd.Series(pool["age"].to_numpy(dtype=float)).groupby(codes).min()
-            columns[var] = assign_age_bands(age.reindex(range(n_patients)).to_numpy(), age_edges)
+            columns[var] = age_bands(age.reindex(range(n_patients)).to_numpy(), age_edges)
             continue
         if var not in pool.columns:
             raise CohortError(

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from retfm.data.schema import age_band
+from retfm.data.schema import age_bands
 from retfm.evaluation.metrics import check_arrays
 
 GROUP_PREFIX = "group."
@@ -120,8 +120,9 @@ def add_groups(
         if list(edges) != sorted(edges):
             raise ValueError(f"age_bins.{name}: edges must increase, got {list(edges)}")
         ages = pd.to_numeric(out["age"], errors="coerce")
-        labels = {a: age_band(float(a), list(edges)) for a in ages.dropna().unique()}
-        out[group_column(name)] = ages.map(labels).fillna(UNKNOWN).astype(str)
+        out[group_column(name)] = pd.Series(
+            age_bands(ages.to_numpy(dtype=float), edges), index=out.index, dtype=str
+        )
     for name in CATEGORICAL_FACTORS:
         if name in out.columns:
             values = out[name].astype("string").str.strip().replace("", pd.NA)

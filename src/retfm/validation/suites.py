@@ -208,17 +208,9 @@ def with_image_problems(df: pd.DataFrame, problems: pd.DataFrame) -> pd.DataFram
 
 
 def age_bands(age: pd.Series, edges: Sequence[float]) -> pd.Series:
-    """Vectorised :func:`retfm.data.schema.age_band` (same labels, 'unknown' for NaN)."""
-    edges = sorted(edges)
-    labels = np.array(
-        [schema.age_band(rep, list(edges)) for rep in [edges[0] - 1, *edges]] if edges else ["all"],
-        dtype=object,
-    )
+    """:func:`retfm.data.schema.age_bands` as a Series aligned with ``age``."""
     values = age.to_numpy(dtype="float64", na_value=np.nan)
-    idx = np.searchsorted(np.asarray(edges, dtype="float64"), values, side="right") if edges else 0
-    bands = labels[idx] if edges else np.full(len(values), "all", dtype=object)
-    bands[np.isnan(values)] = "unknown"
-    return pd.Series(bands, index=age.index, dtype="str")
+    return pd.Series(schema.age_bands(values, sorted(edges)), index=age.index, dtype="str")
 
 
 def mix_table(cohort: pd.DataFrame, pool: pd.DataFrame, settings: Settings) -> pd.DataFrame:
