@@ -49,7 +49,7 @@ def main() -> None:
         )
     significance = cmp.significance_table(rows, settings.compare.alpha)
     align = cmp.alignment(runs, settings.compare.alpha, list(settings.study.tasks))
-    factors = groupings(settings.evaluation, runs.assign(age=0, sex="", ethnicity=""))
+    factors = groupings(settings.evaluation)
     factor_table = cmp.pooled_factor_effects(preds, settings, factors)
     fairness = _fairness_table(runs, factors)
 
@@ -77,7 +77,7 @@ def main() -> None:
     md, html = write_report(summary, tables, figures, out)
     summary["report"] = str(html)
     tracking.write_json(out / "summary.json", summary)
-    _track(settings, runs, summary, tables, out)
+    _track(settings, runs, factors, summary, tables, out)
     print_summary(summary, sys.stdout)
 
 
@@ -190,7 +190,9 @@ def _summary(settings, runs, significance, align, factor_table, infos) -> dict: 
     }
 
 
-def _track(settings: Settings, runs: pd.DataFrame, summary: dict, tables: dict, out) -> None:  # noqa: ANN001
+def _track(  # noqa: ANN001
+    settings: Settings, runs: pd.DataFrame, factors: list[str], summary: dict, tables: dict, out
+) -> None:
     client = tracking.configure(settings)
     fingerprints = {
         t: json.loads(
@@ -199,7 +201,6 @@ def _track(settings: Settings, runs: pd.DataFrame, summary: dict, tables: dict, 
         for t in settings.study.tasks
     }
     eval_data = cmp.evaluation_data_hash(fingerprints)
-    factors = groupings(settings.evaluation, runs.assign(age=0, sex="", ethnicity=""))
     with tracking.run(
         settings,
         "study",

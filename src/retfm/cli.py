@@ -155,6 +155,7 @@ def promote(
     from filelock import Timeout
 
     from retfm import tracking
+    from retfm.evaluation.runs import groupings
     from retfm.registry.promotion import PromotionError
     from retfm.registry.promotion import promote as do_promote
 
@@ -166,7 +167,7 @@ def promote(
             model,
             version,
             settings.promotion,
-            _judged_factors(settings),
+            groupings(settings.evaluation),
             tracking.experiment_id(settings, "promotion"),
         )
     except (PromotionError, Timeout) as err:
@@ -174,12 +175,6 @@ def promote(
     typer.echo(decision.report())
     if not decision.promoted:
         raise typer.Exit(1)
-
-
-def _judged_factors(settings) -> list[str]:  # noqa: ANN001
-    factors = [f for f in settings.evaluation.factors if f != "age"]
-    ages = list(settings.evaluation.age_bins) if "age" in settings.evaluation.factors else []
-    return ages + factors
 
 
 @app.command()

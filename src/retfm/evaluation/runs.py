@@ -3,6 +3,7 @@ fairness gaps, bootstrap intervals, and the flat MLflow metric keys built from t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -11,7 +12,7 @@ from retfm.evaluation.bootstrap import bootstrap_intervals
 from retfm.evaluation.fairness import MetricKeys, fairness_summary, metric_keys, subgroup_table
 from retfm.evaluation.metrics import overall_metrics
 from retfm.evaluation.subgroups import add_groups, arrays
-from retfm.settings import EvaluationSettings
+from retfm.settings import FACTORS, EvaluationSettings
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,14 @@ class RunEvaluation:
     intervals: pd.DataFrame
 
 
-def groupings(cfg: EvaluationSettings, preds: pd.DataFrame) -> list[str]:
-    """Factor names to split on: the age binnings, then sex / ethnicity where recorded."""
+def groupings(cfg: EvaluationSettings, recorded: Iterable[str] = FACTORS) -> list[str]:
+    """Factor names to split on: the age binnings, then sex / ethnicity, for the metadata
+    columns ``recorded`` (all factors by default: what the study judges where it exists)."""
+    recorded = set(recorded)
     names: list[str] = []
-    if "age" in cfg.factors and "age" in preds.columns:
+    if "age" in cfg.factors and "age" in recorded:
         names += list(cfg.age_bins)
-    names += [f for f in cfg.factors if f != "age" and f in preds.columns]
+    names += [f for f in cfg.factors if f != "age" and f in recorded]
     return names + [c for c in cfg.intersections if all(p in names for p in c.split("*"))]
 
 
@@ -36,7 +39,7 @@ def evaluate_predictions(
     preds: pd.DataFrame, cfg: EvaluationSettings, *, seed: int = 0
 ) -> RunEvaluation:
     age_bins = cfg.age_bins if "age" in cfg.factors and "age" in preds.columns else {}
-    factors = groupings(cfg, preds)
+    factors = groupings(cfg, preds.columns)
     grouped = add_groups(preds, age_bins, [f for f in factors if "*" in f])
     y, probs = arrays(grouped)
     overall = overall_metrics(y, probs)
