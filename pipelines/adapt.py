@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 from retfm import tracking
 from retfm.data.shards import PackedSet
-from retfm.models.encoder import Preprocessing, load_encoder
+from retfm.models.encoder import Preprocessing, canonical_safetensors, load_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
-from retfm.registry.models import register_onnx, write_registration
+from retfm.registry.lineage import weights_digest
+from retfm.registry.models import recorded_version, register_onnx, write_registration
 from retfm.settings import Settings, load_settings
 from retfm.stage import stage
 from retfm.training.adapt import AdaptResult, adapt
@@ -41,6 +42,8 @@ def main(fm: str, task: str) -> None:
         raise ValueError(f"task {task}: expected one source_site, found {task_sites}")
     task_site = task_sites[0]
 
+    client = tracking.configure(settings)
+    fm_version = recorded_version(client, registration)
     encoder, _, prep, _ = load_encoder(weights)
     features = extract_features(encoder, prep, images) if cfg.method == "linear_probe" else None
     parent = tracking.study_parent_run(settings)
@@ -49,22 +52,25 @@ def main(fm: str, task: str) -> None:
     tags = {
         "fm.site": fm,
         "fm.model": registration["name"],
-        "fm.version": registration["version"],
+        "fm.version": fm_version,
         "task": task,
         "task.site": task_site,
         "aligned": str(fm == task_site).lower(),
         "adaptation": cfg.method,
         "stage": "adapt",
     }
-    frames, runs, best = [], {}, None
+    frames, runs, run_ids, best = [], {}, {}, None
+    inputs = (weights_digest(weights)[:16], images.fingerprint[:16], settings.digest("adapt"))
     for seed in cfg.seeds:
         result = adapt(weights, images, meta, cfg, seed=seed, features=features)
+        runs[str(seed)] = tracking.run_key("adapt", fm, task, f"seed{seed}", *inputs)
         with tracking.run(
             settings,
             "adapt",
             name=f"{fm}->{task} s{seed}",
             tags={**tags, "seed": str(seed)},
             parent_run_id=parent,
+            key=runs[str(seed)],
         ) as active:
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items() if k != "seeds"})
             mlflow.log_params({"seed": seed, "classes": ",".join(result.classes)})
@@ -73,15 +79,15 @@ def main(fm: str, task: str) -> None:
             mlflow.log_metrics(
                 {"best_val_auroc": result.best_val_auroc, "best_epoch": result.best_epoch}
             )
-            runs[str(seed)] = active.info.run_id
-        frames.append(result.predictions.assign(seed=seed, run_id=runs[str(seed)]))
+            run_ids[str(seed)] = active.info.run_id
+        frames.append(result.predictions.assign(seed=seed))
         if best is None or result.best_val_auroc > best[1].best_val_auroc:
             best = (seed, result)
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
     assert best is not None
     reg = _register_classifier(
-        settings, fm, task, best[0], best[1], tags, runs[str(best[0])], prep, out
+        settings, fm, task, best[0], best[1], tags, run_ids[str(best[0])], prep, out
     )
     tracking.write_json(
         out / "runs.json",
@@ -93,8 +99,6 @@ def main(fm: str, task: str) -> None:
             "adaptation": cfg.method,
             "classes": best[1].classes,
             "runs": runs,
-            "parent_run_id": parent,
-            "fm_version": registration["version"],
             "best_seed": best[0],
             "classifier": reg,
         },
@@ -123,6 +127,7 @@ def _register_classifier(
     parity = onnx_parity(clf, onnx_path)
     clf_weights = out / "classifier.safetensors"
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(clf_weights))
+    canonical_safetensors(clf_weights)
     example = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     with torch.inference_mode():
         probs = clf(torch.from_numpy(example)).numpy()
@@ -158,7 +163,7 @@ def _register_classifier(
         description=f"{task} classifier ({settings.adapt.method}) on fm-{fm}, seed {seed}.",
     )
     write_registration(out / "classifier_registration.json", reg)
-    return reg.to_dict()
+    return json.loads((out / "classifier_registration.json").read_text())
 
 
 if __name__ == "__main__":

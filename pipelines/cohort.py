@@ -36,7 +36,7 @@ def main(site: str) -> None:
     result = sample_cohort(
         pools[site],
         site=site,
-        size=cfg.size,
+        size=cfg.images_per_site,
         strategy=cfg.strategy,
         balance_on=cfg.balance_on,
         per_patient_cap=cfg.per_patient_cap,
@@ -61,7 +61,13 @@ def main(site: str) -> None:
     with tracking.run(
         settings, "data", name=f"cohort-{site}", tags={"stage": "cohort", "fm.site": site}
     ):
-        mlflow.log_params({"size": cfg.size, "strategy": cfg.strategy, "seed": settings.study.seed})
+        mlflow.log_params(
+            {
+                "images_per_site": cfg.images_per_site,
+                "strategy": cfg.strategy,
+                "seed": settings.study.seed,
+            }
+        )
         mlflow.log_metrics(
             {
                 "cohort.images": len(result.cohort),

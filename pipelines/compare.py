@@ -1,23 +1,35 @@
 """Stage compare: which FM is better on which task, whether alignment matters, which metadata
-factors matter; the study report; one ``study`` MLflow run linking every run it compared; and
-the ``eval.*`` tags on each FM version that promotion gates read."""
+factors matter (one call: :func:`retfm.evaluation.analysis.analyse_study`), how often those
+decisions would be wrong at this study's design (simulated null studies), the study report, one
+``study`` MLflow run linking every run it compared, and the ``eval.*`` tags on each FM version
+that promotion gates read."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import typer
 
 from retfm import tracking
 from retfm.evaluation import comparison as cmp
+from retfm.evaluation.alignment import alignment_matrix
+from retfm.evaluation.analysis import AnalysisConfig, analyse_study
+from retfm.evaluation.calibration import calibrate_null
 from retfm.evaluation.runs import groupings
-from retfm.reporting.plots import plot_heatmap, plot_subgroups
+from retfm.evaluation.simulation import design_from_predictions
+from retfm.registry.models import recorded_version
+from retfm.reporting.plots import (
+    plot_differences,
+    plot_factor_effects,
+    plot_heatmap,
+    plot_subgroups,
+)
 from retfm.reporting.report import write_report
-from retfm.reporting.summary import print_summary
+from retfm.reporting.summary import build_summary, print_summary
 from retfm.settings import Settings, load_settings
 from retfm.stage import stage
 
@@ -30,50 +42,72 @@ def main() -> None:
     _check_recipes(settings)
     runs = pd.read_parquet(outputs / "evaluation" / "runs.parquet")
     groups = pd.read_parquet(outputs / "evaluation" / "groups.parquet")
-    preds, infos = {}, {}
+    preds, task_sites = {}, {}
     for fm in settings.study.sites:
         for task in settings.study.tasks:
             folder = outputs / "adapt" / fm / task
-            preds[(fm, task)] = cmp.seed_average(pd.read_parquet(folder / "predictions.parquet"))
-            infos[(fm, task)] = json.loads((folder / "runs.json").read_text())
+            preds[(fm, task)] = pd.read_parquet(folder / "predictions.parquet")
+            task_sites[task] = json.loads((folder / "runs.json").read_text())["task_site"]
+    fm_sites = {fm: fm for fm in settings.study.sites}  # an FM is named after its site
 
-    rows = []
-    for task in settings.study.tasks:
-        by_fm = {fm: preds[(fm, task)] for fm in settings.study.sites}
-        rows += cmp.compare_task(
-            task,
-            runs[runs["task"] == task],
-            by_fm,
-            n_boot=settings.evaluation.n_boot,
-            seed=settings.study.seed,
+    config = AnalysisConfig.from_settings(settings)
+    analysis = analyse_study(preds, fm_sites, task_sites, config)
+    calibration = None
+    if settings.compare.calibration_studies:
+        design = design_from_predictions(preds, fm_sites, task_sites)
+        calibration = calibrate_null(
+            design, config, settings.compare.calibration_studies, seed=settings.study.seed
         )
-    significance = cmp.significance_table(rows, settings.compare.alpha)
-    align = cmp.alignment(runs, settings.compare.alpha, list(settings.study.tasks))
-    factors = groupings(settings.evaluation)
-    factor_table = cmp.pooled_factor_effects(preds, settings, factors)
-    fairness = _fairness_table(runs, factors)
 
+    factors = groupings(settings.evaluation)
+    matrix = alignment_matrix(runs, fm_sites)
     figures = {
         "alignment": [
             plot_heatmap(
-                align["matrix"],
+                matrix,
                 out / "figures" / "alignment.png",
-                title="FM site x data site",
+                title="FM x data site",
                 label="mean AUROC",
             )
         ],
+        "differences": [
+            plot_differences(
+                analysis.comparisons,
+                out / "figures" / "differences.png",
+                title="Which FM is better on each task",
+            )
+        ],
         "subgroups": _subgroup_figures(groups, settings, out),
+        "factors": (
+            [
+                plot_factor_effects(
+                    analysis.factor_groups, analysis.factors, out / "figures" / "factors.png"
+                )
+            ]
+            if len(analysis.factor_groups)
+            else []
+        ),
     }
-    summary = _summary(settings, runs, significance, align, factor_table, infos)
+    summary = build_summary(
+        study=settings.study.name,
+        profile=settings.profile,
+        fms=list(settings.study.sites),
+        runs=runs,
+        analysis=analysis,
+        config=config,
+        calibration=calibration,
+    )
     tables = {
-        "significance": significance,
-        "factors": _factor_view(factor_table),
-        "fairness": fairness,
+        "comparisons": analysis.comparisons,
+        "alignment": analysis.alignment,
+        "factors": analysis.factors.drop(columns=["groups", "left_out"], errors="ignore"),
+        "factor_groups": analysis.factor_groups,
+        "fairness": _fairness_table(runs, factors),
     }
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
-    align["matrix"].to_csv(out / "tables" / "alignment_matrix.csv")
+    matrix.to_csv(out / "tables" / "alignment_matrix.csv")
     md, html = write_report(summary, tables, figures, out)
     summary["report"] = str(html)
     tracking.write_json(out / "summary.json", summary)
@@ -115,12 +149,7 @@ def _fairness_table(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _factor_view(table: pd.DataFrame) -> pd.DataFrame:
-    keep = [c for c in table.columns if c not in ("groups", "left_out")]
-    return table[keep]
-
-
-def _subgroup_figures(groups: pd.DataFrame, settings: Settings, out) -> list:  # noqa: ANN001
+def _subgroup_figures(groups: pd.DataFrame, settings: Settings, out: Path) -> list[Path]:
     figs = []
     for task in settings.study.tasks:
         sub = groups[groups["task"] == task]
@@ -143,53 +172,6 @@ def _subgroup_figures(groups: pd.DataFrame, settings: Settings, out) -> list:  #
     return figs
 
 
-def _summary(settings, runs, significance, align, factor_table, infos) -> dict:  # noqa: ANN001
-    fms = list(settings.study.sites)
-    tasks = []
-    for task in settings.study.tasks:
-        frame = runs[runs["task"] == task]
-        means = frame.groupby("fm")["auroc"].mean()
-        sds = frame.groupby("fm")["auroc"].std(ddof=1).fillna(0.0)
-        sig = significance[significance["task"] == task]
-        site = str(frame["task_site"].iloc[0])
-        tasks.append(
-            {
-                "task": task,
-                "task_site": site,
-                "auroc": {fm: round(float(means[fm]), 4) for fm in fms},
-                "auroc_sd": {fm: round(float(sds[fm]), 4) for fm in fms},
-                "better_fm": str(means.idxmax()),
-                "aligned_fm": site if site in fms else None,
-                "p_holm": None if sig.empty else float(sig["p_paired_holm"].min()),
-                "significant": bool(sig["significant"].any()) if not sig.empty else False,
-            }
-        )
-    return {
-        "study": settings.study.name,
-        "profile": settings.profile,
-        "fms": fms,
-        "n_seeds": len(settings.adapt.seeds),
-        "tasks": tasks,
-        "alignment": {
-            "n_tasks": int(align["n_tasks"]),
-            "n_better": int(align["n_better"]),
-            "fraction": None if np.isnan(align["fraction"]) else align["fraction"],
-            "better_tasks": align["better_tasks"],
-        },
-        "factors": [
-            {
-                "factor": r["factor"],
-                "flagged": bool(r["perf_flagged"]),
-                "gap_flagged": bool(r["gap_flagged"]),
-                "p_adj": None if pd.isna(r["perf_p_adj"]) else float(r["perf_p_adj"]),
-                "gap_p_adj": None if pd.isna(r["gap_p_adj"]) else float(r["gap_p_adj"]),
-            }
-            for _, r in factor_table.iterrows()
-        ],
-        "runs_compared": int(len(runs)),
-    }
-
-
 def _track(  # noqa: ANN001
     settings: Settings, runs: pd.DataFrame, factors: list[str], summary: dict, tables: dict, out
 ) -> None:
@@ -207,13 +189,22 @@ def _track(  # noqa: ANN001
         name=f"compare-{settings.study.name}",
         tags={"stage": "compare", "eval.data": eval_data},
     ) as active:
-        mlflow.log_metric("alignment.n_better", summary["alignment"]["n_better"])
-        mlflow.log_metric("alignment.n_tasks", summary["alignment"]["n_tasks"])
+        al = summary["alignment"]
+        mlflow.log_metric("alignment.n_better", al["n_better"])
+        mlflow.log_metric("alignment.n_decided", al["n_decided"])
+        mlflow.log_metric("alignment.n_undetermined", al["n_undetermined"])
         for t in summary["tasks"]:
             for fm, value in t["auroc"].items():
-                mlflow.log_metric(f"auroc/{t['task']}/fm-{fm}", value)
-        mlflow.log_text("\n".join(sorted(runs["run_id"])), "compared_runs.txt")
+                if value is not None:
+                    mlflow.log_metric(f"auroc/{t['task']}/fm-{fm}", value)
+            for c in t["comparisons"]:
+                if c["diff"] is not None:
+                    mlflow.log_metric(f"diff/{t['task']}/{c['fm_a']}-{c['fm_b']}", c["diff"])
+        compared = sorted(tracking.keyed_run_id(settings, "adapt", k) for k in runs["run_key"])
+        mlflow.log_text("\n".join(compared), "compared_runs.txt")
         mlflow.set_tag("compared.runs", str(len(runs)))
+        for f in summary["factors"]:
+            mlflow.set_tag(f"factor.{f['factor']}", f["verdict"])
         for name, table in tables.items():
             mlflow.log_table(
                 table.astype({c: str for c in table.columns if table[c].dtype == object}),
@@ -227,8 +218,9 @@ def _track(  # noqa: ANN001
         reg = json.loads(
             (settings.paths.outputs / "register" / fm / "registration.json").read_text()
         )
+        version = recorded_version(client, reg)
         for key, value in {**tags, "eval.study_run": study_run}.items():
-            client.set_model_version_tag(reg["name"], reg["version"], key, value)
+            client.set_model_version_tag(reg["name"], version, key, value)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,12 @@ def main() -> None:
             info = json.loads((folder / "runs.json").read_text())
             preds = pd.read_parquet(folder / "predictions.parquet")
             for seed, frame in preds.groupby("seed", sort=True):
-                run_id = info["runs"][str(seed)]
+                key = info["runs"][str(seed)]
+                run_id = tracking.keyed_run_id(settings, "adapt", key)
                 result = evaluate_predictions(
-                    frame.drop(columns=["seed", "run_id"]), settings.evaluation, seed=int(seed)
+                    frame.drop(columns=["seed", "run_id"], errors="ignore"),
+                    settings.evaluation,
+                    seed=int(seed),
                 )
                 metrics = dict(result.keys.metrics)
                 overall_ci = result.intervals.query("factor == 'overall' and metric == 'auroc'")
@@ -46,7 +49,7 @@ def main() -> None:
                     "task_site": info["task_site"],
                     "aligned": info["aligned"],
                     "seed": int(seed),
-                    "run_id": run_id,
+                    "run_key": key,
                 }
                 run_rows.append({**context, **metrics})
                 group_frames.append(result.groups.assign(**context))

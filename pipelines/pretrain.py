@@ -57,12 +57,15 @@ def main(site: str) -> None:
         return
 
     previous = read_checkpoint_extra(ckpt_dir) or {}
+    key = tracking.run_key("pretrain", site, images.fingerprint[:16], recipe_hash,
+                           f"seed{settings.study.seed}")  # fmt: skip
     with tracking.run(
         settings,
         "pretrain",
         name=f"pretrain-{site}",
         tags=tags,
         run_id=previous.get("mlflow_run_id"),
+        key=key,
     ) as active:
         run_id = active.info.run_id
         if not previous:
@@ -93,7 +96,7 @@ def main(site: str) -> None:
         tracking.write_json(
             out / "run.json",
             {
-                "run_id": run_id,
+                "mlflow_key": key,
                 "site": site,
                 "steps": result.steps,
                 "final_loss": result.final_loss,
@@ -126,12 +129,13 @@ def _import_released(settings: Settings, site: str, path: Path, out: Path,
                  {"imported_from": path.name, "source.sha256": weights_sha})
     (out / "history.csv").write_text("step,epoch,loss,lr\n")
     plot_loss(out / "history.csv", out / "loss.png", title=f"{site}: imported, not trained")
-    with tracking.run(settings, "pretrain", name=f"import-{site}",
+    key = tracking.run_key("pretrain", site, "imported", weights_sha[:16])
+    with tracking.run(settings, "pretrain", name=f"import-{site}", key=key,
                       tags={**tags, "recipe": recipe, "recipe.hash": recipe_hash,
                             "cohort.fingerprint": "imported",
-                            "imported_from": path.name, "source.sha256": weights_sha}) as active:
+                            "imported_from": path.name, "source.sha256": weights_sha}):
         tracking.write_json(out / "run.json", {
-            "run_id": active.info.run_id, "site": site, "steps": 0, "final_loss": None,
+            "mlflow_key": key, "site": site, "steps": 0, "final_loss": None,
             "recipe": recipe, "recipe_hash": recipe_hash, "preprocessing": prep.to_json(),
             "cohort_fingerprint": "imported", "imported_from": str(path),
         })

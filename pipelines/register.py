@@ -13,7 +13,7 @@ import typer
 from retfm import tracking
 from retfm.models.encoder import encode, load_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
-from retfm.registry.lineage import model_card
+from retfm.registry.lineage import check_cohort_card, model_card
 from retfm.registry.models import register_onnx, write_registration
 from retfm.settings import load_settings
 from retfm.stage import stage
@@ -27,6 +27,8 @@ def main(site: str) -> None:
     run = json.loads((outputs / "pretrain" / site / "run.json").read_text())
     card_path = outputs / "cohorts" / site / "card" / "card.json"
     data_card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    if data_card is not None and not run.get("imported_from"):
+        check_cohort_card(data_card, settings.cohort.model_dump(mode="json"), site)
 
     encoder, arch, prep, _ = load_encoder(weights)
     out = outputs / "register" / site
@@ -69,7 +71,7 @@ def main(site: str) -> None:
         name=name,
         onnx_path=onnx_path,
         weights_path=weights,
-        run_id=run["run_id"],
+        run_id=tracking.keyed_run_id(settings, "pretrain", run["mlflow_key"]),
         parity=parity,
         input_example=example,
         output_example=features,
@@ -84,7 +86,7 @@ def main(site: str) -> None:
         description=f"MAE ViT encoder pre-trained on the {site} cohort ({run['recipe']}).",
     )
     write_registration(out / "registration.json", reg)
-    state = "new version" if reg.created else "unchanged, existing version"
+    state = "new version" if reg.created else "unchanged, existing version"  # printed, not stored
     print(f"registered {name} v{reg.version} ({state}); ONNX parity {parity:.2e}")
 
 

@@ -21,7 +21,7 @@ def test_committed_params_load_and_are_frozen() -> None:
     settings = load_settings(ROOT / "params.yaml")
     assert settings.model.arch.img_size == settings.pack.image_size
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type varies
-        settings.cohort.size = 1  # type: ignore[misc]
+        settings.cohort.images_per_site = 1  # type: ignore[misc]
 
 
 def test_unknown_key_is_named() -> None:

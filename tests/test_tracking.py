@@ -101,3 +101,39 @@ def test_experiment_artifacts_live_under_the_project(
     assert exp.artifact_location.startswith((tmp_path / "mlruns").as_uri())
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
     assert tracking.experiment_id(settings, "adapt") == exp_id  # idempotent
+
+
+def test_a_moved_store_is_refused_and_relocate_points_it_at_the_new_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retfm.settings import TrackingSettings
+
+    class Settings:  # what tracking reads of the settings
+        tracking = TrackingSettings()
+        study = type("S", (), {"name": "t", "seed": 0})()
+        profile = "test"
+
+        def digest(self, *_: str) -> str:
+            return "d"
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = tmp_path / "first"
+    first.mkdir()
+    monkeypatch.chdir(first)
+    tracking.configure(Settings())  # type: ignore[arg-type]
+    with tracking.run(Settings(), "study", name="r", tags={}) as active:  # type: ignore[arg-type]
+        mlflow.log_text("report", "report.txt")
+        run_id = active.info.run_id
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    monkeypatch.chdir(moved)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri exports it (a new shell)
+    with pytest.raises(tracking.StoreMovedError, match="no longer exists.*retfm relocate"):
+        tracking.configure(Settings())  # type: ignore[arg-type]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old, new, rows = tracking.relocate_store(Settings())  # type: ignore[arg-type]
+    assert (old, new) == (first / "mlruns/artifacts", moved / "mlruns/artifacts") and rows >= 2
+    client = tracking.configure(Settings())  # type: ignore[arg-type]
+    path = client.download_artifacts(run_id, "report.txt", str(tmp_path))
+    assert Path(path).read_text() == "report"
+    assert (moved / "mlruns/mlflow.db.bak").is_file()

@@ -35,10 +35,14 @@ class PathSettings(_Frozen):
 
 
 class EffectSettings(_Frozen):
+    population: Fraction = 1.0  # 0: every site sees the same people (age, sex, ethnicity, disease)
     site_style: float = Field(1.0, ge=0.0)
     age_visibility: float = 0.0
     sex: float = 0.0
     ethnicity: float = 0.0
+    # site -> 0..1: the listed sites' cameras record low-contrast photographs, which only an FM
+    # normalised with its own cohort's statistics reads well (see retfm.data.synthetic)
+    alignment: dict[str, Fraction] = Field(default_factory=dict)
 
 
 class SyntheticTask(_Frozen):
@@ -67,11 +71,14 @@ class SyntheticSettings(_Frozen):
         for name, task in self.tasks.items():
             if task.source_site not in self.sites:
                 raise ValueError(f"tasks.{name}.source_site {task.source_site!r} is not in sites")
+        unknown = sorted(set(self.effects.alignment) - set(self.sites))
+        if unknown:
+            raise ValueError(f"effects.alignment: sites {unknown} are not in synthetic.sites")
         return self
 
 
 class CohortSettings(_Frozen):
-    size: PositiveInt
+    images_per_site: PositiveInt
     strategy: Literal["random", "stratified", "matched"] = "random"
     balance_on: list[str] = Field(default_factory=lambda: ["age_band", "sex"])
     per_patient_cap: Annotated[int, Field(ge=0)] = 0
@@ -183,6 +190,10 @@ class EvaluationSettings(_Frozen):
 
 class CompareSettings(_Frozen):
     alpha: float = Field(0.05, gt=0, lt=1)
+    correction: Literal["holm", "bh"] = "holm"  # over every comparison / every factor
+    power: float = Field(0.8, gt=0, lt=1)  # for the "detectable difference" in the report
+    calibration_studies: Annotated[int, Field(ge=0)] = 200  # null studies simulated at this
+    # study's design to measure each decision's false-positive rate (0 = skip)
     require_identical_recipe: bool = True
 
 
@@ -239,6 +250,47 @@ class SettingsError(ValueError):
     """params.yaml is missing, unreadable or does not match the schema."""
 
 
+#: Keys DVC 3.x leaves out of a stage's run-cache key wherever they appear, params included
+#: (``dict_sha256(..., exclude=["size", "nfiles"])`` in ``dvc/stage/cache.py``;
+#: treeverse/dvc issue 10296): a change to such a key would restore an old run's outputs
+#: instead of rerunning the stage. No setting may be called this.
+DVC_INVISIBLE_KEYS = ("size", "nfiles")
+DVC_ISSUE = "https://github.com/treeverse/dvc/issues/10296"
+#: Settings renamed because of that, old path -> new path.
+RENAMED = {"cohort.size": "cohort.images_per_site"}
+
+
+def invisible_keys(raw: Any, path: str = "") -> list[str]:
+    """Dotted paths of every key DVC's run cache cannot see, at any depth."""
+    found: list[str] = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            here = f"{path}.{key}" if path else str(key)
+            if key in DVC_INVISIBLE_KEYS:
+                found.append(here)
+            found += invisible_keys(value, here)
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            found += invisible_keys(value, f"{path}[{i}]")
+    return found
+
+
+def _check_visible_to_dvc(raw: dict[str, Any], source: Path) -> None:
+    hidden = invisible_keys(raw)
+    if not hidden:
+        return
+    lines = [f"{source}: setting(s) that DVC cannot see:"]
+    for key in hidden:
+        new = RENAMED.get(key)
+        hint = f"renamed: use {new}" if new else "rename it"
+        lines.append(f"  {key}: {hint}")
+    lines.append(
+        f"  DVC 3.x leaves keys named {' / '.join(DVC_INVISIBLE_KEYS)} out of its run-cache key "
+        f"({DVC_ISSUE}), so changing one would restore an old run instead of rerunning."
+    )
+    raise SettingsError("\n".join(lines))
+
+
 def _format_errors(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: {err.error_count()} invalid setting(s)"]
     for e in err.errors():
@@ -253,6 +305,7 @@ def _format_errors(path: Path, err: ValidationError) -> str:
 
 
 def parse_settings(raw: dict[str, Any], source: Path = Path("params.yaml")) -> Settings:
+    _check_visible_to_dvc(raw, source)
     try:
         return Settings.model_validate(raw)
     except ValidationError as err:

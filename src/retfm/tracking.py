@@ -30,6 +30,14 @@ from retfm.settings import Settings
 log = logging.getLogger(__name__)
 
 EXPERIMENTS = ("pretrain", "adapt", "study")
+#: Tag naming a run by what it computed (stage, inputs' content hashes, seed), never by a store's
+#: id: stage outputs record keys, so they stay byte-identical when a stage is forced to rerun
+#: and mean the same in any tracking store.
+RUN_KEY = "retfm.key"
+
+
+class RunNotInStoreError(LookupError):
+    """The tracking store has no run for a key that a stage output records."""
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -40,11 +48,104 @@ def _is_local(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
+class StoreMovedError(RuntimeError):
+    """The embedded store records its artifacts in another project folder (moved or copied)."""
+
+
+#: Columns of MLflow's SQL schema that hold artifact locations (checked on MLflow 3.13-3.17).
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def recorded_artifact_root(db: Path, artifacts: Path) -> Path | None:
+    """Where the store's experiments keep artifacts, as the ``artifacts`` folder they were made
+    under (None for an empty store, or one whose experiments live elsewhere on purpose)."""
+    import sqlite3
+
+    if not db.is_file():
+        return None
+    with sqlite3.connect(db) as con:
+        try:
+            rows = con.execute("select artifact_location from experiments").fetchall()
+        except sqlite3.Error:
+            return None
+    suffix = f"/{artifacts.as_posix().strip('/')}/"
+    for (location,) in rows:
+        path = str(location).removeprefix("file://")
+        if suffix in path:
+            return Path(path[: path.index(suffix) + len(suffix) - 1])
+    return None
+
+
+def check_store_location(settings: Settings) -> None:
+    """Refuse an embedded store whose artifacts live in another copy of the project.
+
+    MLflow writes absolute artifact paths into its database. A moved project would then look
+    for them where they no longer are, and a copied one would silently write into the
+    original's folder; both are stopped here with the command that fixes it.
+    """
+    db = _sqlite_path(tracking_uri(settings))
+    if db is None:
+        return
+    here = Path(settings.tracking.artifacts).resolve()
+    recorded = recorded_artifact_root(db, Path(settings.tracking.artifacts))
+    if recorded is None or recorded == here:
+        return
+    state = "still exists (a copy)" if recorded.exists() else "no longer exists (moved)"
+    raise StoreMovedError(
+        f"the MLflow store {db} records its artifacts in {recorded}, which {state}, not in "
+        f"this project's {here}. Run `retfm relocate` to point the store at this project "
+        "(the database is backed up first)"
+    )
+
+
+def relocate_store(settings: Settings) -> tuple[Path, Path, int]:
+    """Rewrite the embedded store's artifact locations from the recorded project folder to this
+    one; returns (old root, new root, rows changed). The database is copied to
+    ``mlflow.db.bak`` first."""
+    import shutil
+    import sqlite3
+
+    db = _sqlite_path(tracking_uri(settings))
+    if db is None:
+        raise ValueError(f"relocate: {tracking_uri(settings)} is not an embedded SQLite store")
+    here = Path(settings.tracking.artifacts).resolve()
+    old = recorded_artifact_root(db, Path(settings.tracking.artifacts))
+    if old is None or old == here:
+        return here, here, 0
+    old_root, new_root = old.parent.parent, here.parent.parent  # the project folders
+    shutil.copyfile(db, db.with_suffix(db.suffix + ".bak"))
+    changed = 0
+    with sqlite3.connect(db) as con:
+        for table, column in ARTIFACT_COLUMNS:
+            for prefix in ("file://", ""):
+                cur = con.execute(
+                    f"update {table} set {column} = ? || substr({column}, ?) "  # noqa: S608
+                    f"where {column} like ?",
+                    (f"{prefix}{new_root}", len(f"{prefix}{old_root}") + 1,
+                     f"{prefix}{old_root}/%"),
+                )  # fmt: skip
+                changed += cur.rowcount
+    return old, here, changed
+
+
 def configure(settings: Settings) -> MlflowClient:
     """Point MLflow at the project's store (creating ``mlruns/`` for the embedded one)."""
     uri = tracking_uri(settings)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        check_store_location(settings)
+        # absolute, because MLflow caches one store per URI string for the whole process
+        uri = f"sqlite:///{db.resolve()}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -121,6 +222,27 @@ def find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | N
     return runs[0].info.run_id if runs else None
 
 
+def run_key(*parts: object) -> str:
+    """A run's key: its stage and the content hashes and settings that determine it."""
+    return "/".join(str(p) for p in parts)
+
+
+def keyed_run_id(settings: Settings, experiment: str, key: str) -> str:
+    """The newest run recorded with ``key``; a clear error naming the store when there is none
+    (the outputs were made against another tracking store, or its runs were deleted)."""
+    client = configure(settings)
+    exp = client.get_experiment_by_name(experiment)
+    found = find_run(client, exp.experiment_id, {RUN_KEY: key}) if exp is not None else None
+    if found is None:
+        raise RunNotInStoreError(
+            f"the tracking store {tracking_uri(settings)} has no {experiment!r} run with key "
+            f"{key!r}: these outputs were recorded in another store (or its runs were deleted). "
+            "Point MLFLOW_TRACKING_URI at the store that made them, or record them in this one "
+            "with `retfm relink` (see the README, Team setup)"
+        )
+    return found
+
+
 @contextmanager
 def run(
     settings: Settings,
@@ -130,10 +252,11 @@ def run(
     tags: dict[str, str],
     run_id: str | None = None,
     parent_run_id: str | None = None,
+    key: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume, when ``run_id`` is given) a run with the base tags."""
+    """Start (or resume, when ``run_id`` is given) a run with the base tags (and ``key``)."""
     exp = experiment_id(settings, experiment)
-    all_tags = {**base_tags(settings), **tags}
+    all_tags = {**base_tags(settings), **tags, **({RUN_KEY: key} if key else {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(

@@ -206,3 +206,33 @@ def test_pool_too_small_for_held_out_patients_is_refused(tmp_path):
     cfg = settings(site_images=4)
     with pytest.raises(ValueError, match="site_images=4 for site 'hospital' is too small"):
         generate_dataset(cfg, ["hospital"], tmp_path, progress=False)
+
+
+def test_population_knob_at_zero_gives_every_site_the_same_people():
+    from retfm.data.synthetic import POPULATIONS, site_population
+
+    same = [site_population(a, EffectSettings(population=0.0)) for a in POPULATIONS]
+    assert all(p == same[0] for p in same)
+    assert site_population("specialist", EffectSettings()) == POPULATIONS["specialist"]
+    half = site_population("community", EffectSettings(population=0.5))
+    assert same[0].disease_logit > half.disease_logit > POPULATIONS["community"].disease_logit
+
+
+def test_alignment_knob_lowers_the_contrast_of_the_listed_sites_photographs(tmp_path):
+    cfg = settings(
+        sites={"hospital": "public", "screening": "public", "public": "public"},
+        effects={"site_style": 0.0, "alignment": {"hospital": 1.0}},
+    )
+    generate_dataset(cfg, ["hospital", "screening"], tmp_path, workers=2, progress=False)
+
+    def contrast(site: str) -> float:
+        meta = read(tmp_path, f"sites/{site}")
+        sds = []
+        for path in meta["path"][:20]:
+            img = np.asarray(Image.open(tmp_path / "sites" / site / path), dtype=float)
+            c = np.arange(img.shape[0]) - (img.shape[0] - 1) / 2
+            centre = c[:, None] ** 2 + c[None, :] ** 2 < (0.3 * img.shape[0]) ** 2
+            sds.append(img[centre].std(axis=0).mean())  # inside the field of view
+        return float(np.mean(sds))
+
+    assert contrast("hospital") < 0.75 * contrast("screening")  # HAZE_LOSS 0.5, plus noise

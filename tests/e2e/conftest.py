@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from retfm.profiles import fresh_copy
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -53,29 +55,9 @@ def run(
     return proc
 
 
-def shipped_files() -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    return [f for f in out if f and (ROOT / f).is_file()]
-
-
 def clone_repo(dest: Path, profile: str | None = "tiny") -> Path:
     """Copy what git ships into ``dest``, make it a git repo, apply the profile."""
-    for rel in shipped_files():
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, target)
-    run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clone"], dest)
-    if profile is not None:
-        run(["retfm", "profile", profile], dest)
-    return dest
+    return fresh_copy(ROOT, dest, profile)
 
 
 @pytest.fixture(scope="session")

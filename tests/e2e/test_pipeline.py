@@ -69,9 +69,19 @@ def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: Mlflow
 def test_compare_writes_report_and_summary(study, sh) -> None:
     summary = json.loads((study.path / "outputs/study/summary.json").read_text())
     assert summary["tasks"], summary
-    assert (study.path / "outputs/study/report.html").stat().st_size > 1000
+    report = (study.path / "outputs/study/report.html").read_text()
+    assert "Methods: how each question is decided" in report
+    assert "Measured at this study's design" in report  # calibration at its own test sets
     shown = sh(["retfm", "summary"], study.path).stdout
     assert "hospital_dr" in shown and "mlflow ui" in shown
+    # each answer names the test that decided it, never another test's p beside its verdict
+    assert "Decided by: paired test on the same test images" in shown
+    assert "Decided by: stratified score test" in shown
+    allowed = {"no evidence", "hospital better", "screening better"}
+    for task in summary["tasks"]:
+        for comparison in task["comparisons"]:
+            verdict = comparison["verdict"]
+            assert verdict in allowed or verdict.startswith("undetermined ("), verdict
     table = pd.read_parquet(study.path / "outputs/evaluation/runs.parquet")
     assert set(table["fm"]) == set(SITES)
 

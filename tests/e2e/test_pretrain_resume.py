@@ -50,7 +50,7 @@ def test_killed_pretrain_stage_resumes_into_the_same_run(tmp_path, clone, sh, ti
 
     sh(["dvc", "repro", "pretrain@hospital"], repo)
     run = json.loads((repo / "outputs" / "pretrain" / "hospital" / "run.json").read_text())
-    n_images = int(params["cohort"]["size"])
+    n_images = int(params["cohort"]["images_per_site"])
     steps_per_epoch = n_images // int(params["pretrain"]["batch_size"])
     assert run["steps"] == 12 * steps_per_epoch
 
@@ -58,7 +58,9 @@ def test_killed_pretrain_stage_resumes_into_the_same_run(tmp_path, clone, sh, ti
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("pretrain")
     runs = client.search_runs([exp.experiment_id], "tags.`fm.site` = 'hospital'")
-    assert [r.info.run_id for r in runs] == [run["run_id"]]  # one run, resumed, not a new one
-    history = client.get_metric_history(run["run_id"], "loss")
+    assert len(runs) == 1  # one run, resumed, not a new one
+    assert runs[0].data.tags["retfm.key"] == run["mlflow_key"]  # found by its key, not its id
+    run_id = runs[0].info.run_id
+    history = client.get_metric_history(run_id, "loss")
     assert history and max(m.step for m in history) >= run["steps"] - 10
-    assert client.get_metric_history(run["run_id"], "final_loss")
+    assert client.get_metric_history(run_id, "final_loss")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,6 @@ def build_card(
         "card_version": CARD_VERSION,
         "kind": "retfm pre-training cohort",
         "site": site,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "intended_use": (
             f"Self-supervised pre-training of the {site!r} foundation model; one of several "
             "equal-size cohorts whose only intended difference is the site."
@@ -303,7 +301,6 @@ def _markdown(card: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         + (" (shrunk: allow_smaller)" if report.get("shrunk") else "")
         + " |",
         f"| data (DVC hash) | `{card['data']['dvc_hash']}` |",
-        f"| created | {card['created']} |",
         "",
         "## Age",
         "",

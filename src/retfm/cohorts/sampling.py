@@ -233,7 +233,7 @@ def _check_args(
     if strategy not in STRATEGIES:
         raise CohortError(f"cohort.strategy: expected one of {STRATEGIES}, got {strategy!r}")
     if isinstance(size, bool) or int(size) != size or size <= 0:
-        raise CohortError(f"cohort.size: expected a positive integer, got {size!r}")
+        raise CohortError(f"cohort.images_per_site: expected a positive integer, got {size!r}")
     if cap < 0:
         raise CohortError(f"cohort.per_patient_cap: expected >= 0 (0 = no cap), got {cap}")
     if any(b <= a for a, b in zip(age_edges, age_edges[1:], strict=False)):
@@ -469,9 +469,9 @@ def _quota(
     if n_eligible < size:
         if not allow_smaller:
             raise CohortError(
-                f"site {site!r}: cohort.size asks for {size} images but only {n_eligible} are "
-                f"eligible ({draw.why()}); set cohort.allow_smaller: true to accept a smaller "
-                "cohort"
+                f"site {site!r}: cohort.images_per_site asks for {size} images but only "
+                f"{n_eligible} are eligible ({draw.why()}); set cohort.allow_smaller: true to "
+                "accept a smaller cohort"
             )
         if strategy != "matched":
             return available.copy(), True

@@ -9,7 +9,8 @@ What is simulated (not patient data):
 
 * populations by site archetype: ``specialist`` (Moorfields-like: older, more disease, ethnically
   mixed, ~50% F), ``community`` (Shanghai-like screening: younger, mostly healthy, mostly East
-  Asian, ~58% F) and ``public`` (a third population, like a public DR set);
+  Asian, ~58% F) and ``public`` (a third population, like a public DR set); ``population``
+  scales their differences (0: every site sees the archetypes' average population);
 * a camera style per archetype (colour cast, illumination gradient, field-of-view radius, blur,
   sensor noise) with two camera models per site; ``effects.site_style`` scales the style gap;
 * fundus-like images: black outside a circular field of view, orange-red retina with radial
@@ -17,8 +18,16 @@ What is simulated (not patient data):
   dark-red haemorrhages) whose number and size grow with a latent severity;
 * planted visibility effects: lesion contrast falls with age (``age_visibility``), by sex
   (``sex``: lowered for F, raised for M when negative) and by fundus pigmentation
-  (``ethnicity``); pigmentation itself always darkens the fundus a little, independently of
-  disease.
+  (``ethnicity``, which also scales how much pigmentation darkens the fundus: a darker fundus
+  changes how lesions stand out, so at 0 every ethnic group's fundus has the same colour);
+* a planted alignment effect (``alignment``: site -> strength): the listed sites' cameras
+  record low-contrast photographs (contrast around the image's mean colour cut by up to
+  ``HAZE_LOSS``), in the pool and in the tasks alike. An FM whose input normalisation comes
+  from its own pre-training cohort (``pretrain.normalisation: cohort``) reads them at full
+  scale; an FM from another site squeezes them into a sliver of its input range, where its
+  position embedding drowns them. (At demo scale, signs that only one site's pool shows, a
+  richer pool, or hazier cameras under ImageNet normalisation made no FM reliably better: see
+  the README, "How the demo's effects are planted".)
 
 Determinism: metadata comes from one RNG per site (``SeedSequence(seed, spawn_key=(key(site),))``),
 each image from its own RNG keyed by its set and index, so the bytes do not depend on the number
@@ -150,6 +159,40 @@ POPULATIONS: dict[str, Population] = {
     ),
 }
 
+def _shared_population() -> Population:
+    """The average of the archetypes: who every site sees at ``effects.population: 0``."""
+    pops = list(POPULATIONS.values())
+    names = sorted({e for p in pops for e in p.ethnicity})
+    return Population(
+        float(np.mean([p.age_mean for p in pops])),
+        float(np.mean([p.age_sd for p in pops])),
+        (min(p.age_range[0] for p in pops), max(p.age_range[1] for p in pops)),
+        float(np.mean([p.female for p in pops])),
+        {e: float(np.mean([p.ethnicity.get(e, 0.0) for p in pops])) for e in names},
+        float(np.mean([p.disease_logit for p in pops])),
+    )
+
+
+def site_population(archetype: str, effects: EffectSettings) -> Population:
+    """An archetype's population, its differences from the shared one scaled by
+    ``effects.population`` (0: every site sees the same people, with the same disease)."""
+    arch, base, s = POPULATIONS[archetype], _shared_population(), effects.population
+    if s == 1.0:
+        return arch
+
+    def mix(a: float, b: float) -> float:
+        return a + s * (b - a)
+
+    return Population(
+        mix(base.age_mean, arch.age_mean),
+        mix(base.age_sd, arch.age_sd),
+        (mix(base.age_range[0], arch.age_range[0]), mix(base.age_range[1], arch.age_range[1])),
+        mix(base.female, arch.female),
+        {e: mix(base.ethnicity[e], arch.ethnicity.get(e, 0.0)) for e in base.ethnicity},
+        mix(base.disease_logit, arch.disease_logit),
+    )
+
+
 #: What every camera looks like at ``site_style: 0``.
 NEUTRAL_STYLE = CameraStyle((1.0, 1.0, 1.0), (0.0, 0.1), 0.45, 0.6, 0.015, ("", ""))
 
@@ -204,6 +247,17 @@ def lesion_contrast(age: float, sex: str, ethnicity: str, effects: EffectSetting
     return float(min(max(1.0 - age_part - sex_part - eth_part, 0.05), 1.0))
 
 
+def rendered_pigment(ethnicity: str, effects: EffectSettings) -> float:
+    """How dark a fundus is drawn: the ethnicity's pigmentation, its difference from the
+    average scaled by ``effects.ethnicity`` (capped at 1), so the knob at 0 plants nothing."""
+    scale = min(1.0, abs(effects.ethnicity))
+    return 0.5 + scale * (PIGMENT[ethnicity] - 0.5)
+
+
+#: Share of a photograph's contrast that a site at full ``alignment`` strength loses.
+HAZE_LOSS = 0.85
+
+
 def grade(severity: float, classes: int) -> int:
     """Disease grade 0..classes-1 from a latent severity in [0, 1] (0 = healthy)."""
     if severity <= 0.0:
@@ -226,6 +280,7 @@ class RenderJob(NamedTuple):
     eye: str
     severity: float
     contrast: float
+    haze: float = 0.0  # 0..1: the site's cameras lose this much contrast (effects.alignment)
 
 
 @lru_cache(maxsize=8)
@@ -275,13 +330,15 @@ def render_fundus(
     eye: str,
     severity: float,
     contrast: float,
+    haze: float = 0.0,
 ) -> np.ndarray:
     """One fundus-like image, uint8 (size, size, 3).
 
     Layers, in order: pigmented retina with radial shading and choroidal texture, darker macula,
     optic disc, vessels from the disc, lesions (count and size grow with ``severity``, opacity
-    ``contrast``), then the camera: illumination gradient, colour cast, noise, blur, and the
-    circular field of view.
+    ``contrast``), then the camera: illumination gradient, colour cast, noise, haze (contrast
+    around the field's mean colour times ``1 - HAZE_LOSS * haze``), blur, and the circular
+    field of view.
     """
     s = size
     xx, yy, centre_d2 = _grid(s)
@@ -316,6 +373,9 @@ def render_fundus(
     img = img * (1.0 + gx * (xx - c) / radius + gy * (yy - c) / radius)[..., None]
     img = img * np.array(style.cast, dtype=np.float32)
     img = img + np.float32(style.noise) * rng.standard_normal(img.shape, dtype=np.float32)
+    if haze > 0:
+        mean = img[centre_d2 < radius**2].mean(axis=0)
+        img = mean + np.float32(1.0 - HAZE_LOSS * haze) * (img - mean)
     out = Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
     blur = style.blur * s / 80.0
     if blur > 0.05:
@@ -382,6 +442,7 @@ def _render_and_write(job: RenderJob) -> None:
         eye=job.eye,
         severity=job.severity,
         contrast=job.contrast,
+        haze=job.haze,
     )
     # Fixed options; Pillow writes no time or text chunks unless asked.
     Image.fromarray(pixels).save(job.path, format="PNG", compress_level=6, optimize=False)
@@ -411,8 +472,9 @@ def _draw_patients(
     ethnicity = rng.choice(names, size=n, p=probs / probs.sum())
     logit = pop.disease_logit + logit_shift + _AGE_RISK * (age - 55.0) / 10.0
     diseased = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
-    # Severity grows a little with age among the diseased.
-    sev = np.clip(rng.beta(1.3, 1.6, n) + 0.004 * (age - 55.0), 0.05, 1.0)
+    # Severity does not depend on age: an age effect on how well disease is seen must come from
+    # effects.age_visibility alone, so that every knob at 0 plants nothing.
+    sev = np.clip(rng.beta(1.3, 1.6, n), 0.05, 1.0)
     severity = np.where(diseased, sev, 0.0)
     return pd.DataFrame({"age": age, "sex": sex, "ethnicity": ethnicity, "severity": severity})
 
@@ -472,7 +534,7 @@ def _site_tables(cfg: SyntheticSettings, site: str, with_pool: bool) -> _SiteTab
     have other images in the pool, as in a hospital archive) and pool-only patients."""
     rng = _rng(cfg.seed, _key(site))
     archetype = cfg.sites[site]
-    pop, cameras = POPULATIONS[archetype], STYLES[archetype].models
+    pop, cameras = site_population(archetype, cfg.effects), STYLES[archetype].models
     lo, hi = cfg.images_per_patient
     task_names = [t for t, spec in cfg.tasks.items() if spec.source_site == site]
 
@@ -538,10 +600,11 @@ def _site_tables(cfg: SyntheticSettings, site: str, with_pool: bool) -> _SiteTab
 
 
 def _jobs(
-    cfg: SyntheticSettings, set_key: str, archetype: str, rows: pd.DataFrame, folder: Path
+    cfg: SyntheticSettings, set_key: str, site: str, rows: pd.DataFrame, folder: Path
 ) -> list[RenderJob]:
     effects = cfg.effects
-    styles = [camera_style(archetype, i, effects.site_style) for i in range(2)]
+    styles = [camera_style(cfg.sites[site], i, effects.site_style) for i in range(2)]
+    haze = float(effects.alignment.get(site, 0.0))
     return [
         RenderJob(
             path=str(folder / path),
@@ -549,10 +612,11 @@ def _jobs(
             seed=cfg.seed,
             size=cfg.image_size,
             style=styles[cam],
-            pigment=PIGMENT[eth],
+            pigment=rendered_pigment(eth, effects),
             eye=eye,
             severity=float(sev),
             contrast=lesion_contrast(float(age), sex, eth, effects),
+            haze=haze,
         )
         for i, (path, cam, eth, eye, sev, age, sex) in enumerate(
             zip(
@@ -616,7 +680,7 @@ def generate_dataset(
         for key, frame, _ in site_sets:
             frame["path"] = [f"images/{i}.png" for i in frame["image_id"]]
             (staging / key / "images").mkdir(parents=True, exist_ok=True)
-            jobs.extend(_jobs(cfg, key, cfg.sites[site], frame, staging / key))
+            jobs.extend(_jobs(cfg, key, site, frame, staging / key))
         sets.extend(site_sets)
 
     bar = tqdm(total=len(jobs), desc="synthetic images", unit="img", disable=not progress)

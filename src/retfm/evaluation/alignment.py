@@ -1,115 +1,129 @@
 """Does an FM do better on data that aligns with its pre-training data? (STUDY.md finding 1)
 
-Input: one row per adaptation run, ``fm_site, task, task_site, seed, <metric>`` (``auroc`` by
-default). An FM is *aligned* with a task when ``fm_site == task_site``. The headline is the
-fraction of tasks that have an aligned FM in which that FM is significantly better than every
-other FM (the study found about one third).
+An FM is *aligned* with a task when the FM's pre-training site is the task's data site. Per task
+that has an aligned FM, the aligned FM is compared with every FM that is not aligned (the
+paired seeded test of :mod:`retfm.evaluation.comparison`, p adjusted over the whole study), and
+the task is decided as:
+
+* ``better``: significantly better than every non-aligned FM;
+* ``worse``: significantly worse than at least one;
+* ``undetermined (reason)``: some comparison could not be made (and none says worse);
+* ``no evidence`` otherwise.
+
+The headline is the fraction of *decided* tasks (better, worse or no evidence) where the aligned
+FM is better (the study found about one third); undetermined tasks are listed, never counted
+as a "no".
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
-from retfm.evaluation.statistics import adjust_pvalues, seed_ttest
-
-RESULT_COLUMNS = ("fm_site", "task", "task_site", "seed")
+from retfm.evaluation.verdicts import BETTER, NO_EVIDENCE, WORSE, is_undetermined, undetermined
 
 
-def _check(results: pd.DataFrame, metric: str) -> None:
-    missing = [c for c in (*RESULT_COLUMNS, metric) if c not in results.columns]
+def alignment_matrix(runs: pd.DataFrame, fm_sites: Mapping[str, str], metric: str = "auroc"):
+    """Mean ``metric`` per FM (rows) x data site (columns), over tasks and seeds."""
+    missing = [c for c in ("fm", "task_site", metric) if c not in runs.columns]
     if missing:
-        raise ValueError(f"alignment results: missing column(s) {missing}")
-    sites = results.groupby("task")["task_site"].nunique()
-    if (sites > 1).any():
-        raise ValueError(f"alignment results: task {sites[sites > 1].index[0]!r} has several sites")
+        raise ValueError(f"alignment: runs table lacks column(s) {missing}")
+    table = runs.pivot_table(index="fm", columns="task_site", values=metric, aggfunc="mean")
+    sites = list(dict.fromkeys(fm_sites[fm] for fm in table.index if fm in fm_sites))
+    ordered = [s for s in sites if s in table.columns] + [
+        s for s in table.columns if s not in sites
+    ]
+    return table[ordered].rename_axis(index="fm", columns="task_site")
 
 
-def alignment_matrix(results: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
-    """Mean ``metric`` per FM site (rows) x data site (columns), over tasks and seeds."""
-    _check(results, metric)
-    table = results.pivot_table(index="fm_site", columns="task_site", values=metric, aggfunc="mean")
-    return table.rename_axis(index="fm_site", columns="task_site")
+def _task_verdict(rows: pd.DataFrame, aligned: set[str]) -> tuple[str, float, float]:
+    """Verdict of one task from its aligned-vs-other comparisons (diff signed aligned - other)."""
+    outcomes, diffs, p_adj = [], [], []
+    for r in rows.itertuples():
+        a_is_aligned = r.fm_a in aligned
+        diff = r.diff if a_is_aligned else -r.diff
+        diffs.append(diff)
+        p_adj.append(r.p_adj)
+        if is_undetermined(r.verdict):
+            outcomes.append(r.verdict)
+        elif r.verdict.endswith(BETTER):
+            winner = r.verdict[: -len(BETTER)].strip()
+            outcomes.append(BETTER if winner in aligned else WORSE)
+        else:
+            outcomes.append(NO_EVIDENCE)
+    if WORSE in outcomes:
+        verdict = WORSE
+    elif any(is_undetermined(o) for o in outcomes):
+        verdict = next(o for o in outcomes if is_undetermined(o))
+    elif outcomes and all(o == BETTER for o in outcomes):
+        verdict = BETTER
+    else:
+        verdict = NO_EVIDENCE
+    return verdict, min(diffs, default=float("nan")), max(p_adj, default=float("nan"))
 
 
-def aligned_comparisons(
-    results: pd.DataFrame, metric: str = "auroc", *, paired: bool = False
-) -> pd.DataFrame:
-    """Aligned FM vs each other FM, per task that has an aligned FM: a t-test over seeds.
+def alignment_verdicts(
+    comparisons: pd.DataFrame, fm_sites: Mapping[str, str], task_sites: Mapping[str, str]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per-task alignment verdicts and the headline.
 
-    Columns: task, task_site, aligned_fm, other_fm, mean_aligned, mean_other, diff, p, test.
+    ``comparisons`` is :func:`~retfm.evaluation.comparison.compare_fms`'s table. Returns a frame
+    (task, task_site, aligned_fms, verdict, min_diff, max_p_adj) and the headline dict:
+    n_tasks, n_decided, n_better, n_worse, n_no_evidence, n_undetermined, fraction (better /
+    decided, None when nothing was decided), better_tasks, undetermined_tasks (task -> reason),
+    tasks_without_aligned_fm.
     """
-    _check(results, metric)
-    rows = []
-    for task, runs in results.groupby("task", sort=True):
-        site = runs["task_site"].iloc[0]
-        if site not in set(runs["fm_site"]):
+    rows, without = [], []
+    for task, site in task_sites.items():
+        aligned = {fm for fm, s in fm_sites.items() if s == site}
+        if not aligned:
+            without.append(task)
             continue
-        aligned = runs.loc[runs["fm_site"] == site].sort_values("seed")
-        for other, other_runs in runs[runs["fm_site"] != site].groupby("fm_site", sort=True):
-            other_runs = other_runs.sort_values("seed")
-            res = seed_ttest(aligned[metric], other_runs[metric], paired=paired)
-            rows.append(
-                {
-                    "task": task,
-                    "task_site": site,
-                    "aligned_fm": site,
-                    "other_fm": other,
-                    "mean_aligned": res["mean_a"],
-                    "mean_other": res["mean_b"],
-                    "diff": res["diff"],
-                    "p": res["p"],
-                    "test": res["test"],
-                }
+        mine = comparisons[comparisons["task"] == task] if len(comparisons) else comparisons
+        if len(mine):
+            mine = mine[mine["fm_a"].isin(aligned) != mine["fm_b"].isin(aligned)]
+        if not len(mine):
+            verdict, diff, p = (
+                undetermined("no other FM to compare with"),
+                float("nan"),
+                float("nan"),
             )
-    return pd.DataFrame(rows)
-
-
-def alignment_summary(
-    comparisons: pd.DataFrame,
-    *,
-    alpha: float = 0.05,
-    correction: Literal["holm", "bh"] = "holm",
-    tasks: list[str] | None = None,
-) -> dict[str, Any]:
-    """Per task, is the aligned FM significantly better than every other FM?
-
-    ``comparisons`` holds task, aligned_fm, other_fm, diff (aligned - other) and p, from
-    :func:`aligned_comparisons` or from per-image tests (DeLong). p-values are adjusted across all
-    comparisons. ``tasks`` (all tasks of the study) lets the summary name those without an
-    aligned FM. Returns n_tasks, n_better, fraction, better_tasks, tasks_without_aligned_fm and
-    the annotated ``comparisons`` / ``per_task`` frames.
-    """
-    needed = ("task", "aligned_fm", "other_fm", "diff", "p")
-    missing = [c for c in needed if c not in comparisons.columns]
-    if missing:
-        raise ValueError(f"alignment comparisons: missing column(s) {missing}")
-    table = comparisons.copy()
-    table["p_adj"] = adjust_pvalues(table["p"].to_numpy(), correction) if len(table) else []
-    table["significant"] = (table["p_adj"] < alpha).fillna(False).astype(bool)
-    table["aligned_better"] = table["significant"] & (table["diff"] > 0)
-    per_task = (
-        table.groupby("task", sort=True)
-        .agg(
-            aligned_fm=("aligned_fm", "first"),
-            min_diff=("diff", "min"),
-            max_p_adj=("p_adj", "max"),
-            aligned_better=("aligned_better", "all"),
-        )  # fmt: skip
-        .reset_index()
+        else:
+            verdict, diff, p = _task_verdict(mine, aligned)
+        rows.append(
+            {
+                "task": task,
+                "task_site": site,
+                "aligned_fms": ",".join(sorted(aligned)),
+                "verdict": verdict,
+                "min_diff": diff,
+                "max_p_adj": p,
+            }
+        )
+    per_task = pd.DataFrame(
+        rows, columns=["task", "task_site", "aligned_fms", "verdict", "min_diff", "max_p_adj"]
     )
-    n_tasks = len(per_task)
-    n_better = int(per_task["aligned_better"].sum()) if n_tasks else 0
-    without = sorted(set(tasks or []) - set(per_task["task"]))
-    return {
-        "n_tasks": n_tasks,
+    counts = per_task["verdict"].map(lambda v: "undetermined" if is_undetermined(v) else v)
+    n_decided = int((counts != "undetermined").sum())
+    n_better = int((counts == BETTER).sum())
+    headline = {
+        "n_tasks": len(per_task),
+        "n_decided": n_decided,
         "n_better": n_better,
-        "fraction": n_better / n_tasks if n_tasks else float("nan"),
-        "better_tasks": per_task.loc[per_task["aligned_better"], "task"].tolist(),
+        "n_worse": int((counts == WORSE).sum()),
+        "n_no_evidence": int((counts == NO_EVIDENCE).sum()),
+        "n_undetermined": int((counts == "undetermined").sum()),
+        "fraction": n_better / n_decided if n_decided else None,
+        "better_tasks": per_task.loc[counts == BETTER, "task"].tolist(),
+        "undetermined_tasks": dict(
+            zip(
+                per_task.loc[counts == "undetermined", "task"],
+                per_task.loc[counts == "undetermined", "verdict"],
+                strict=True,
+            )
+        ),
         "tasks_without_aligned_fm": without,
-        "alpha": alpha,
-        "correction": correction,
-        "comparisons": table,
-        "per_task": per_task,
     }
+    return per_task, headline

@@ -1,26 +1,40 @@
-"""The study's comparison of FMs: per-task tests, alignment, metadata factors, registry tags.
+"""Which FM is better on which task: every pair of FMs compared on the same test images.
 
-Inputs are the evaluate stage's per-run table (one row per FM x task x seed) and the test
-predictions of every run. Per task the two FMs are compared twice, as RETFound did and as a
-paired per-image test: a Welch t-test over seeds, and DeLong's paired test (binary) or a
-patient-clustered paired bootstrap (multi-class) on the seed-averaged probabilities of the same
-test images. p-values are adjusted over tasks (Holm; Benjamini-Hochberg shown beside it).
+The deciding test is :func:`~retfm.evaluation.statistics.seeded_paired_test`: the difference of
+the seed-mean AUROCs, with a variance that holds both the test set's sampling error (clustered
+by patient) and the training seeds' spread. p-values are adjusted over every comparison of the
+study (Holm by default); a comparison is decided as ``<fm> better``, ``no evidence`` or
+``undetermined (reason)``. RETFound's Welch t-test over seeds is kept as an extra, labelled
+column (``p_seed_ttest``): it ignores the test set's error and decides nothing here.
+
+Also here: the per-image seed average used by the factor analysis, and the ``eval.*`` tags that
+promotion reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from itertools import combinations
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from retfm.evaluation.alignment import aligned_comparisons, alignment_matrix, alignment_summary
-from retfm.evaluation.factors import factor_effects
-from retfm.evaluation.statistics import adjust_pvalues, delong_test, paired_bootstrap, seed_ttest
-from retfm.evaluation.subgroups import add_groups, prob_columns
-from retfm.settings import Settings
+from retfm.evaluation.statistics import (
+    adjust_pvalues,
+    detectable_difference,
+    seed_ttest,
+    seeded_paired_test,
+)
+from retfm.evaluation.subgroups import prob_columns
+from retfm.evaluation.verdicts import BETTER, NO_EVIDENCE, undetermined
+
+Key = tuple[str, str]  # (fm, task)
+DECIDING_TEST = (
+    "paired test on the same test images: difference of seed-mean AUROCs, variance = "
+    "patient-clustered DeLong (test set) + seed variance, Satterthwaite t"
+)
 
 
 def seed_average(preds: pd.DataFrame) -> pd.DataFrame:
@@ -30,107 +44,92 @@ def seed_average(preds: pd.DataFrame) -> pd.DataFrame:
     return preds.groupby(keys, dropna=False, sort=True)[probs].mean().reset_index()
 
 
-def compare_task(
-    task: str, runs: pd.DataFrame, preds: dict[str, pd.DataFrame], *, n_boot: int, seed: int
-) -> list[dict[str, Any]]:
-    """Every pair of FMs on one task: seed t-test and paired per-image test."""
+def seed_arrays(preds: pd.DataFrame, where: str) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """Split per-seed predictions into the test images (one row each, sorted by image_id) and
+    one probability array per seed, rows aligned; every seed must score the same images."""
+    probs = prob_columns(preds)
+    seeds = sorted(preds["seed"].unique()) if "seed" in preds else [0]
+    frames = {s: preds[preds["seed"] == s] if "seed" in preds else preds for s in seeds}
+    first = frames[seeds[0]].sort_values("image_id").reset_index(drop=True)
+    arrays = []
+    for s, frame in frames.items():
+        frame = frame.sort_values("image_id").reset_index(drop=True)
+        if len(frame) != len(first) or not frame["image_id"].equals(first["image_id"]):
+            raise ValueError(f"{where}: seed {s} scored other test images than seed {seeds[0]}")
+        arrays.append(frame[probs].to_numpy(float))
+    return first.drop(columns=[c for c in (*probs, "seed", "run_id") if c in first]), arrays
+
+
+def _pair_row(task: str, fm_a: str, fm_b: str, a: pd.DataFrame, b: pd.DataFrame, ci: float):
+    images_a, probs_a = seed_arrays(a, f"FM {fm_a}, task {task}")
+    images_b, probs_b = seed_arrays(b, f"FM {fm_b}, task {task}")
+    if not images_a["image_id"].equals(images_b["image_id"]):
+        raise ValueError(f"task {task}: FMs {fm_a} and {fm_b} were tested on different images")
+    res = seeded_paired_test(
+        images_a["y_true"].to_numpy(int),
+        probs_a,
+        probs_b,
+        images_a["patient_id"].astype(str).to_numpy(),
+        ci=ci,
+    )
+    tt = (
+        seed_ttest(list(res.seed_aurocs_a), list(res.seed_aurocs_b))
+        if res.seed_aurocs_a and res.seed_aurocs_b
+        else {"p": float("nan")}
+    )
+    return {
+        "task": task,
+        "fm_a": fm_a,
+        "fm_b": fm_b,
+        **{k: v for k, v in res.as_dict().items() if not k.startswith("seed_aurocs")},
+        "p_seed_ttest": float(tt["p"]),
+    }
+
+
+def compare_fms(
+    preds: Mapping[Key, pd.DataFrame],
+    *,
+    alpha: float = 0.05,
+    correction: Literal["holm", "bh"] = "holm",
+    ci: float = 0.95,
+    power: float = 0.8,
+    same_recipe: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Every pair of FMs on every task, decided by the paired seeded test.
+
+    ``preds`` maps (fm, task) to per-seed predictions (``seed`` column). ``same_recipe`` (FM ->
+    recipe) restricts pairs to FMs of one recipe. Columns: task, fm_a, fm_b, auroc_a, auroc_b,
+    diff (a - b), lo, hi, se, df, p, p_adj, verdict, detectable (the AUROC difference this
+    comparison finds with probability ``power`` at the family's strictest level), the variance
+    parts, sizes, and p_seed_ttest (extra; decides nothing).
+    """
+    tasks = list(dict.fromkeys(task for _, task in preds))
     rows = []
-    for fm_a, fm_b in combinations(sorted(preds), 2):
-        a, b = preds[fm_a], preds[fm_b]
-        merged = a.merge(b, on="image_id", suffixes=("_a", "_b"))
-        if len(merged) != len(a):
-            raise ValueError(f"task {task}: FMs {fm_a} and {fm_b} were tested on different images")
-        probs = prob_columns(a)
-        pa = merged[[f"{c}_a" for c in probs]].to_numpy(float)
-        pb = merged[[f"{c}_b" for c in probs]].to_numpy(float)
-        y = merged["y_true_a"].to_numpy(int)
-        if len(probs) == 2:
-            paired = delong_test(y, pa, pb)
-            test = "DeLong (paired)"
-        else:
-            paired = paired_bootstrap(
-                y,
-                pa,
-                pb,
-                n_boot=max(n_boot, 200),
-                seed=seed,
-                cluster=merged["patient_id_a"].to_numpy(),
-            )
-            test = "paired bootstrap (patients)"
-        tt = seed_ttest(
-            runs.loc[runs["fm"] == fm_a, "auroc"], runs.loc[runs["fm"] == fm_b, "auroc"]
-        )
-        rows.append(
-            {
-                "task": task,
-                "fm_a": fm_a,
-                "fm_b": fm_b,
-                "auroc_a": float(runs.loc[runs["fm"] == fm_a, "auroc"].mean()),
-                "auroc_b": float(runs.loc[runs["fm"] == fm_b, "auroc"].mean()),
-                "ensemble_diff": float(paired["diff"]),
-                "paired_test": test,
-                "p_paired": float(paired["p"]),
-                "p_seeds": float(tt["p"]),
-            }
-        )
-    return rows
-
-
-def significance_table(rows: list[dict[str, Any]], alpha: float) -> pd.DataFrame:
+    for task in tasks:
+        fms = sorted(fm for fm, t in preds if t == task)
+        for fm_a, fm_b in combinations(fms, 2):
+            if same_recipe and same_recipe.get(fm_a) != same_recipe.get(fm_b):
+                continue
+            rows.append(_pair_row(task, fm_a, fm_b, preds[(fm_a, task)], preds[(fm_b, task)], ci))
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    for col in ("p_paired", "p_seeds"):
-        table[f"{col}_holm"] = adjust_pvalues(table[col].to_numpy(), "holm")
-        table[f"{col}_bh"] = adjust_pvalues(table[col].to_numpy(), "bh")
-    table["significant"] = (table["p_paired_holm"] < alpha).fillna(False)
-    table["better"] = np.where(table["auroc_a"] >= table["auroc_b"], table["fm_a"], table["fm_b"])
+    table["p_adj"] = adjust_pvalues(table["p"].to_numpy(), correction)
+    family = int(np.isfinite(table["p"]).sum())
+    table["verdict"] = [_verdict(r, alpha) for r in table.itertuples()]
+    table["detectable"] = [
+        detectable_difference(se, df, alpha / max(family, 1), power)
+        for se, df in zip(table["se"], table["df"], strict=True)
+    ]
     return table
 
 
-def pooled_factor_effects(
-    preds: dict[tuple[str, str], pd.DataFrame], settings: Settings, factors: list[str]
-) -> pd.DataFrame:
-    """Factor analysis over all tasks at once (images keep their task in the id)."""
-    by_fm: dict[str, list[pd.DataFrame]] = {}
-    for (fm, task), frame in preds.items():
-        frame = frame.assign(
-            image_id=task + "/" + frame["image_id"].astype(str),
-            patient_id=task + "/" + frame["patient_id"].astype(str),
-        )
-        binary = _to_binary(frame)
-        by_fm.setdefault(fm, []).append(binary)
-    age_bins = settings.evaluation.age_bins if "age" in settings.evaluation.factors else {}
-    stacked = {
-        fm: add_groups(pd.concat(frames, ignore_index=True), age_bins)
-        for fm, frames in by_fm.items()
-    }
-    usable = [f for f in factors if all(f"group.{f}" in s.columns for s in stacked.values())]
-    return factor_effects(
-        stacked,
-        usable,
-        alpha=settings.compare.alpha,
-        min_group_size=settings.evaluation.min_group_size,
-    )
-
-
-def _to_binary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Disease (label > 0) vs none, so that tasks with different class counts can be pooled."""
-    probs = prob_columns(frame)
-    if len(probs) == 2:
-        return frame
-    out = frame.drop(columns=probs)
-    out["prob_0"] = frame["prob_0"]
-    out["prob_1"] = 1.0 - frame["prob_0"]
-    out["y_true"] = (frame["y_true"] > 0).astype(int)
-    return out
-
-
-def alignment(runs: pd.DataFrame, alpha: float, tasks: list[str]) -> dict[str, Any]:
-    results = runs.rename(columns={"fm": "fm_site"})
-    matrix = alignment_matrix(results)
-    summary = alignment_summary(aligned_comparisons(results), alpha=alpha, tasks=tasks)
-    return {"matrix": matrix, **summary}
+def _verdict(row, alpha: float) -> str:  # noqa: ANN001 - a DataFrame row tuple
+    if row.undetermined:
+        return undetermined(row.undetermined)
+    if row.p_adj < alpha:
+        return f"{row.fm_a if row.diff > 0 else row.fm_b} {BETTER}"
+    return NO_EVIDENCE
 
 
 def fm_evaluation_tags(

@@ -82,8 +82,30 @@ def save_encoder(
     state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=meta)
+    canonical_safetensors(tmp)
     tmp.replace(path)
     return path
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place.
+
+    safetensors writes its header map (tensors and ``__metadata__``) in an order that varies
+    from one process to the next, so saving the same weights twice gave different bytes (and a
+    DVC output that changed on every rerun). Sorting keeps the header's length, so the data
+    offsets do not move.
+    """
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        header = {k: (dict(sorted(v.items())) if k == "__metadata__" else v)
+                  for k, v in sorted(header.items())}  # fmt: skip
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:
+            raise ValueError(f"{path}: canonical safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def load_encoder(

@@ -73,7 +73,7 @@ def model_card(
     evaluation: str = "Not evaluated yet: see the study report.",
 ) -> str:
     """A Markdown model card (MONAI-style fields: intended use, data, input/output, versions)."""
-    cohort = data_card or {}
+    size = (data_card or {}).get("size") or {}
     lines = [
         f"# Model card: {name}",
         "",
@@ -91,8 +91,8 @@ def model_card(
         f"- architecture: `{arch}`",
         "",
         "## Training data",
-        f"- site: {site}; cohort images: {cohort.get('size', 'n/a')}; "
-        f"patients: {cohort.get('patients', 'n/a')}",
+        f"- site: {site}; cohort images: {size.get('images', 'n/a')}; "
+        f"patients: {size.get('patients', 'n/a')}",
         f"- raw data DVC md5: `{tags.get('data.md5')}`; cohort DVC md5: `{tags.get('cohort.md5')}`",
         f"- recipe: `{tags.get('recipe')}` (hash `{tags.get('recipe.hash')}`); "
         f"params hash `{tags.get('params.hash')}`; git commit `{tags.get('git.commit')}`",
@@ -106,3 +106,33 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+class StaleRecordError(ValueError):
+    """A stage output disagrees with the settings it claims to come from."""
+
+
+def check_cohort_card(card: dict, cohort_settings: dict, site: str) -> None:
+    """Refuse a cohort whose data card was drawn with other settings than ``params.yaml``'s
+    (e.g. restored from DVC's run cache for a key it cannot see), or holds another size than
+    it was asked for."""
+    sampling = card.get("sampling") or {}
+    recorded = sampling.get("settings") or {}
+    differ = sorted(
+        k for k in set(recorded) | set(cohort_settings) if recorded.get(k) != cohort_settings.get(k)
+    )
+    if differ:
+        detail = ", ".join(
+            f"{k}: cohort has {recorded.get(k)!r}, params.yaml {cohort_settings.get(k)!r}"
+            for k in differ
+        )
+        raise StaleRecordError(
+            f"cohort@{site} was sampled with other settings than params.yaml ({detail}); "
+            f"rerun it: dvc repro -f cohort@{site}"
+        )
+    report = sampling.get("report") or {}
+    images = (card.get("size") or {}).get("images")
+    if images != report.get("requested") and not report.get("shrunk"):
+        raise StaleRecordError(
+            f"cohort@{site} holds {images} images but was asked for {report.get('requested')}"
+        )

@@ -40,6 +40,7 @@ class Registration:
     parity: float
     weights_sha256: str
     created: bool
+    weights_content: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,9 +90,8 @@ def register_onnx(
     if existing is not None:
         log.info("%s: weights unchanged, reusing version %s", name, existing)
         client.set_registered_model_alias(name, CANDIDATE, existing)
-        return Registration(
-            name, existing, f"models:/{name}/{existing}", run_id, parity, weights_sha, created=False
-        )
+        uri = f"models:/{name}/{existing}"
+        return Registration(name, existing, uri, run_id, parity, weights_sha, False, content)
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = [str(weights_path)]
@@ -130,7 +130,7 @@ def register_onnx(
     client.update_model_version(name, version, description=description)
     client.set_registered_model_alias(name, CANDIDATE, version)
     return Registration(
-        name, version, f"models:/{name}/{version}", run_id, parity, weights_sha, created=True
+        name, version, f"models:/{name}/{version}", run_id, parity, weights_sha, True, content
     )
 
 
@@ -143,10 +143,28 @@ def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str
     return dict(client.get_model_version(name, version).tags)
 
 
+#: What a stage output records of a registration: the model, not the store. The version
+#: number, its URI and the run id belong to one tracking store (another store numbers
+#: versions its own way) and ``created`` to one execution; recording them would make an
+#: unchanged rerun, or the same study on a team server, look like changed outputs to DVC.
+RECORDED = ("name", "parity", "weights_sha256", "weights_content")
+
+
 def write_registration(path: Path, reg: Registration) -> None:
-    """The stage's record of the version. ``created`` is left out: whether this run made the
-    version or found it is not a property of the model, and would make an unchanged rerun
-    look like a changed output to DVC."""
+    """The stage's record of a registered version (see :data:`RECORDED`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {k: v for k, v in reg.to_dict().items() if k != "created"}
+    record = {k: v for k, v in reg.to_dict().items() if k in RECORDED}
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def recorded_version(client: MlflowClient, record: dict) -> str:
+    """The version of ``record["name"]`` (from :func:`write_registration`) holding its weights,
+    in the current store; a clear error when this store does not have it."""
+    version = find_version(client, record["name"], record["weights_content"])
+    if version is None:
+        raise RegistrationError(
+            f"{record['name']}: the model registry at {mlflow.get_registry_uri()} has no version "
+            f"with these weights (content {record['weights_content'][:12]}...): the study was "
+            "registered in another store. Run `retfm relink` to register it in this one."
+        )
+    return version

@@ -77,3 +77,75 @@ def plot_subgroups(table: pd.DataFrame, out: Path, *, title: str) -> Path:
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, out)
+
+
+def plot_differences(comparisons: pd.DataFrame, out: Path, *, title: str) -> Path:
+    """Each FM pair's AUROC difference per task with its 95% interval, coloured by verdict.
+
+    ``comparisons`` columns: task, fm_a, fm_b, diff, lo, hi, verdict.
+    """
+    rows = comparisons.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.5 * len(rows)))
+    for i, r in rows.iterrows():
+        decided = str(r["verdict"]).endswith("better")
+        colour = "tab:red" if decided else ("tab:grey" if "undetermined" in r["verdict"] else "k")
+        if np.isfinite(r["lo"]):
+            ax.errorbar(
+                r["diff"],
+                i,
+                xerr=[[r["diff"] - r["lo"]], [r["hi"] - r["diff"]]],
+                fmt="o",
+                color=colour,
+                capsize=3,
+            )
+        ax.text(
+            1.02,
+            i,
+            str(r["verdict"]),
+            transform=ax.get_yaxis_transform(),
+            va="center",
+            fontsize=8,
+            color=colour,
+        )
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.set_yticks(range(len(rows)), [f"{r.task}: {r.fm_a} - {r.fm_b}" for r in rows.itertuples()])
+    ax.invert_yaxis()
+    ax.set_xlabel("AUROC difference (seed means), 95% interval")
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def plot_factor_effects(groups: pd.DataFrame, factors: pd.DataFrame, out: Path) -> Path:
+    """Each group's placement (cross-group AUROC) difference against its factor's reference
+    group, within task x class x FM, with 95% intervals; the factor's verdict in the label."""
+    from retfm.evaluation.subgroups import group_sort_key
+
+    verdicts = dict(zip(factors["factor"], factors["perf_verdict"], strict=True))
+    order = {f: i for i, f in enumerate(dict.fromkeys(groups["factor"]))}
+    rows = groups.assign(
+        _f=groups["factor"].map(order), _g=groups["group"].astype(str).map(group_sort_key)
+    )
+    rows = rows.sort_values(["_f", "_g"]).reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(rows)))
+    labels = []
+    for i, r in rows.iterrows():
+        flagged = verdicts.get(r["factor"]) == "effect"
+        if r["reference"]:
+            ax.plot([0], [i], marker="|", color="grey", ms=10)
+        elif np.isfinite(r["lo"]):
+            ax.errorbar(
+                r["auroc_diff"],
+                i,
+                xerr=[[r["auroc_diff"] - r["lo"]], [r["hi"] - r["auroc_diff"]]],
+                fmt="o",
+                color="tab:red" if flagged else "k",
+                capsize=3,
+            )
+        ref = " (reference)" if r["reference"] else ""
+        labels.append(f"{r['factor']} {r['group']}{ref}  n={r['n_images']}")
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("AUROC difference vs the reference group\n(within task, true class and FM)")
+    ax.set_title("Metadata factors (red: the grouping is flagged)")
+    return _save(fig, out)

@@ -1,8 +1,10 @@
-"""The study report: Markdown (for a README or a paper's supplement) and standalone HTML."""
+"""The study report: Markdown (for a README or a paper's supplement) and standalone HTML (every
+figure embedded, no external asset, so it opens offline)."""
 
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,35 +12,158 @@ import pandas as pd
 from jinja2 import Environment
 from tabulate import tabulate
 
-from retfm.reporting.summary import summary_rows
-
-SECTIONS = (
-    (
-        "alignment",
-        "Alignment: FM site x data site",
-        "Mean AUROC of each site's FM on each data site's tasks.",
-    ),
-    (
-        "subgroups",
-        "Per-subgroup AUROC with 95% intervals",
-        "Undefined groups (one class, or too few images) are shown as undefined, never as 0.",
-    ),
-)
+from retfm.reporting.summary import alignment_line, factor_lines, summary_rows
 
 _HTML = Environment(autoescape=True).from_string("""<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
-<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;
-padding:3px 8px}th{background:#f3f3f3}img{max-width:100%}.note{color:#555}</style></head>
+<style>body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;
+line-height:1.45}table{border-collapse:collapse;margin:.8em 0;font-size:13px;display:block;
+overflow-x:auto;max-width:100%}td,th{border:1px solid #ccc;padding:3px 7px;white-space:nowrap}
+th{background:#f3f3f3}img{max-width:100%}.note{color:#444}.answer{background:#f6f8fa;
+border-left:4px solid #3a7;padding:.5em 1em}</style></head>
 <body><h1>{{ title }}</h1><p class="note">{{ note }}</p>
-{% for s in sections %}<h2>{{ s.title }}</h2><p class="note">{{ s.note }}</p>
+{% for s in sections %}<h2>{{ s.title }}</h2>
+{% for p in s.paragraphs %}<p class="{{ s.css }}">{{ p }}</p>{% endfor %}
 {% if s.table %}{{ s.table | safe }}{% endif %}
 {% for img in s.images %}<img alt="{{ img.alt }}" src="data:image/png;base64,{{ img.data }}">
 {% endfor %}{% endfor %}</body></html>""")
 
+#: Display names for table columns (raw names stay in the CSV files).
+COLUMN_NAMES = {
+    "fm_a": "FM a",
+    "fm_b": "FM b",
+    "auroc_a": "AUROC a",
+    "auroc_b": "AUROC b",
+    "diff": "difference a - b",
+    "lo": "95% CI low",
+    "hi": "95% CI high",
+    "p": "p",
+    "p_adj": "p adjusted (deciding)",
+    "verdict": "verdict",
+    "detectable": "detectable difference (80% power)",
+    "n_images": "test images",
+    "n_patients": "patients",
+    "n_seeds_a": "seeds a",
+    "p_seed_ttest": "p, t-test over seeds (RETFound; not used)",
+    "task_site": "data site",
+    "aligned_fms": "aligned FM",
+    "min_diff": "smallest advantage",
+    "max_p_adj": "largest p adjusted",
+    "perf_p_adj": "p adjusted: performance",
+    "perf_verdict": "changes performance?",
+    "gap_p_adj": "p adjusted: FM gap",
+    "gap_verdict": "changes the FM gap?",
+    "auroc_gap": "mean within-task AUROC gap",
+    "auroc_diff": "AUROC difference vs reference",
+    "reference": "reference group",
+    "worst_auroc": "worst-group AUROC",
+    "gap_auroc": "AUROC gap (max - min)",
+    "eod": "equalised-odds difference",
+    "es_auc": "equity-scaled AUROC",
+    "undefined_groups": "undefined groups",
+}
+TABLE_COLUMNS = {
+    "comparisons": [
+        "task",
+        "fm_a",
+        "fm_b",
+        "auroc_a",
+        "auroc_b",
+        "diff",
+        "lo",
+        "hi",
+        "p",
+        "p_adj",
+        "verdict",
+        "detectable",
+        "n_images",
+        "n_patients",
+        "p_seed_ttest",
+    ],
+    "alignment": ["task", "task_site", "aligned_fms", "verdict", "min_diff", "max_p_adj"],
+    "factors": [
+        "factor",
+        "n_images",
+        "perf_p_adj",
+        "perf_verdict",
+        "gap_p_adj",
+        "gap_verdict",
+        "auroc_gap",
+    ],
+    "factor_groups": ["factor", "group", "n_images", "reference", "auroc_diff", "lo", "hi"],
+    "fairness": [
+        "fm",
+        "task",
+        "factor",
+        "worst_auroc",
+        "gap_auroc",
+        "eod",
+        "es_auc",
+        "undefined_groups",
+    ],
+}
 
-def _md_table(frame: pd.DataFrame) -> str:
-    return tabulate(frame, headers="keys", tablefmt="github", showindex=False, floatfmt=".4g")
+
+@dataclass
+class _Section:
+    title: str
+    paragraphs: list[str]
+    table: pd.DataFrame | None = None
+    images: list[Path] = field(default_factory=list)
+    css: str = "note"
+
+
+def _view(name: str, table: pd.DataFrame | None) -> pd.DataFrame | None:
+    if table is None or not len(table):
+        return None
+    cols = [c for c in TABLE_COLUMNS.get(name, list(table.columns)) if c in table.columns]
+    return table[cols].rename(columns=COLUMN_NAMES)
+
+
+def _methods(summary: dict[str, Any]) -> list[str]:
+    m = summary["methods"]
+    text = [
+        "Which FM is better on a task, and whether the aligned FM is better: "
+        f"{m['comparison_test']}. Both FMs are scored on the same test images, so the test is "
+        "paired; its variance holds the test set's sampling error (patients, not images, are "
+        "the independent units) and the adaptation seeds' spread. A t-test over seeds "
+        "(RETFound's) sees only the seeds: every seed is scored on the same finite test set, "
+        "so in simulation it called equally good FMs different far above its nominal rate; "
+        "its p is shown as an extra column and decides nothing. p-values are adjusted "
+        f"({m['correction']}) over every comparison of the study; alpha {m['alpha']}.",
+        f"Which metadata factors matter: {m['factor_test']}. Each image's placement (the share "
+        "of other-class images it outranks on its own class) is compared between groups only "
+        "within the same task, true class and FM, so differences in difficulty, disease "
+        "prevalence and age / sex / ethnicity mix between tasks cannot pass for a factor effect.",
+        m["undetermined"] + ".",
+    ]
+    cal = m.get("calibration")
+    if cal:
+        rates = "; ".join(
+            f"{k}: {v['rate']:.1%} (95% CI {v['lo']:.1%}-{v['hi']:.1%})"
+            for k, v in cal["headline"].items()
+        )
+        ok = "within" if cal["within_target"] else "NOT within"
+        text.append(
+            f"Measured at this study's design ({cal['n_studies']} simulated studies with no "
+            "difference between FMs and no factor effect, test sets resampled from this "
+            "study's own patients, its seeds and class counts, difficulty matched to its "
+            f"AUROCs): false-positive rates {rates}; {ok} the target (upper 95% bound at most "
+            f"{cal['target_upper']:.2f}). `retfm calibrate` measures power on a grid."
+        )
+    detect = [
+        f"{t['task']} ({t['n_test_images']} test images): {c['detectable']:.3f}"
+        for t in summary["tasks"]
+        for c in t["comparisons"]
+        if c["detectable"] is not None
+    ]
+    if detect:
+        text.append(
+            "At this study's test-set sizes it can detect (80% power) an AUROC difference of "
+            + "; ".join(detect)
+            + ". Smaller true differences will mostly read as 'no evidence'."
+        )
+    return text
 
 
 def write_report(
@@ -47,67 +172,92 @@ def write_report(
     figures: dict[str, list[Path]],
     out_dir: Path,
 ) -> tuple[Path, Path]:
-    """``tables``: significance, factors, fairness; ``figures``: alignment, subgroups."""
+    """``tables``: comparisons, alignment, factors, factor_groups, fairness; ``figures``:
+    alignment, differences, factors, subgroups."""
     header, rows = summary_rows(summary)
-    overview = pd.DataFrame(rows, columns=header)
     title = f"retfm study report: {summary['study']}"
     note = (
         f"{len(summary['fms'])} FMs x {len(summary['tasks'])} tasks x {summary['n_seeds']} "
-        f"seeds; profile {summary['profile']}. Aligned FM significantly better on "
-        f"{summary['alignment']['n_better']} of {summary['alignment']['n_tasks']} tasks."
+        f"seeds; profile {summary['profile']}; {summary['runs_compared']} adaptation runs."
     )
-    blocks: list[tuple[str, str, pd.DataFrame | None, list[Path]]] = [
-        ("Overview: FM x task AUROC", "mean ± sd over seeds", overview, [])
-    ]
-    blocks.append((SECTIONS[0][1], SECTIONS[0][2], None, figures.get("alignment", [])))
-    blocks.append(
-        (
-            "Significance (per task, adjusted over tasks)",
-            "paired per-image test (DeLong / patient bootstrap) and t-test over seeds; "
-            "Holm and Benjamini-Hochberg",
-            tables.get("significance"),
-            [],
-        )
-    )
-    blocks.append(
-        (
-            "Fairness gaps per FM, task and factor",
-            "mean over seeds; gap = max - min AUROC over defined groups; "
-            "complete = no undefined group",
-            tables.get("fairness"),
-            [],
-        )
-    )
-    blocks.append((SECTIONS[1][1], SECTIONS[1][2], None, figures.get("subgroups", [])))
-    blocks.append(
-        (
+    answers = [alignment_line(summary["alignment"]), *factor_lines(summary["factors"])]
+    sections = [
+        _Section("The study's answers", answers, css="answer"),
+        _Section(
+            "Overview: FM x task AUROC",
+            [
+                "mean ± sd over seeds; difference of seed-mean "
+                "AUROCs with its 95% interval; p adjusted over every comparison"
+            ],
+            pd.DataFrame(rows, columns=header),
+        ),
+        _Section("Methods: how each question is decided", _methods(summary)),
+        _Section(
+            "Which FM is better on each task",
+            ["red: decided; black: no evidence; grey: undetermined"],
+            _view("comparisons", tables.get("comparisons")),
+            figures.get("differences", []),
+        ),
+        _Section(
+            "Alignment: FM x data site",
+            [
+                "mean AUROC of each FM on each data site's tasks; "
+                "per task with an aligned FM, the verdict"
+            ],
+            _view("alignment", tables.get("alignment")),
+            figures.get("alignment", []),
+        ),
+        _Section(
             "Metadata factors",
-            "logistic model of per-image correctness, patient-clustered Wald tests; "
-            "flagged = adjusted p < alpha",
-            tables.get("factors"),
-            [],
-        )
-    )
+            [
+                "per group: AUROC difference against the factor's "
+                "largest group within task, class and FM (95% interval, unadjusted); the "
+                "verdicts use the adjusted p"
+            ],
+            _view("factors", tables.get("factors")),
+            figures.get("factors", []),
+        ),
+        _Section(
+            "Metadata factors: per group", [], _view("factor_groups", tables.get("factor_groups"))
+        ),
+        _Section(
+            "Fairness gaps per FM, task and factor",
+            ["mean over seeds; gap = max - min AUROC over defined groups"],
+            _view("fairness", tables.get("fairness")),
+        ),
+        _Section(
+            "Per-subgroup AUROC with 95% intervals",
+            ["undefined groups (one class, or too few images) are shown as undefined, never as 0"],
+            None,
+            figures.get("subgroups", []),
+        ),
+    ]
 
     md = [f"# {title}", "", note, ""]
     html_sections = []
-    for heading, text, table, images in blocks:
-        md += [f"## {heading}", "", text, ""]
-        if table is not None and len(table):
-            md += [_md_table(table), ""]
-        md += [f"![{p.stem}](figures/{p.name})" for p in images] + [""]
+    for s in sections:
+        md += [f"## {s.title}", "", *[f"{p}\n" for p in s.paragraphs]]
+        if s.table is not None and len(s.table):
+            md += [
+                tabulate(
+                    s.table, headers="keys", tablefmt="github", showindex=False, floatfmt=".4g"
+                ),
+                "",
+            ]
+        md += [f"![{p.stem}](figures/{p.name})" for p in s.images] + [""]
         html_sections.append(
             {
-                "title": heading,
-                "note": text,
+                "title": s.title,
+                "paragraphs": s.paragraphs,
+                "css": s.css,
                 "table": None
-                if table is None or not len(table)
-                else table.to_html(
+                if s.table is None or not len(s.table)
+                else s.table.to_html(
                     index=False, float_format=lambda v: f"{v:.4g}", na_rep="undefined"
                 ),
                 "images": [
                     {"alt": p.stem, "data": base64.b64encode(p.read_bytes()).decode()}
-                    for p in images
+                    for p in s.images
                 ],
             }
         )

@@ -459,11 +459,12 @@ class _Trainer:
         if self.ctx.is_main:
             if digests is not None and len(set(digests)) > 1:
                 raise RuntimeError(f"data-parallel ranks ended with different weights: {digests}")
+            # Only what the weights are: a tracking run id (kept in ``extra``, for resuming) would
+            # give identical weights a new file hash on every run and in every store.
             meta = {
                 "recipe": self.cfg.recipe,
                 "fingerprint": self.fp,
                 "global_step": str(self.global_step),
-                **self.extra,
             }
             save_encoder(encoder_path, self.model.encoder, self.arch, self.prep, extra=meta)
             _write_history(self.out_dir / HISTORY_NAME, self.history)

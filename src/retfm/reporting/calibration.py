@@ -1,0 +1,67 @@
+"""``retfm calibrate``'s printout: each decision's false-positive rate under a realistic null
+with its 95% interval and the target, then power on a grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+
+def _rate(r: dict[str, Any]) -> str:
+    return f"{r['rate']:.1%} [{r['lo']:.1%}, {r['hi']:.1%}] ({r['k']}/{r['n']})"
+
+
+def format_calibration(report: dict[str, Any]) -> str:
+    null = report["null"]
+    design = null["design"]
+    tasks = ", ".join(
+        f"{t['task']} ({t['test_images']} test images, {t['classes']} classes)"
+        for t in design["tasks"]
+    )
+    lines = [
+        f"False-positive rates under the null: {null['n_studies']} simulated studies, "
+        f"{len(design['fms'])} FMs, {design['seeds']} seeds, tasks {tasks}.",
+        f"Target: upper end of the 95% interval at most {null['target_upper']:.2f} "
+        f"(alpha {null['alpha']} + 0.02).",
+        "",
+    ]
+    rows = [[k, _rate(v)] for k, v in null["rates"].items()]
+    lines.append(tabulate(rows, headers=["decision", "rate [95% CI]"], tablefmt="github"))
+    for size, res in report.get("null_by_test_size", {}).items():
+        head = res["headline"]
+        where = f"at {size} test images per task" if size.isdigit() else f"with {size}"
+        lines.append(
+            f"\n{where} ({res['n_studies']} studies): "
+            + "; ".join(f"{k} {_rate(v)}" for k, v in head.items())
+        )
+    if "alignment_power" in report:
+        table = pd.DataFrame(report["alignment_power"]).pivot(
+            index="auroc_difference", columns="test_images", values="rate"
+        )
+        lines += [
+            "",
+            "Power: P(aligned FM called better) on a task, by population AUROC difference "
+            "(rows) and test images per task (columns):",
+            tabulate(table.map(lambda v: f"{v:.0%}"), headers="keys", tablefmt="github"),
+        ]
+    if "factor_power" in report:
+        f = pd.DataFrame(report["factor_power"])
+        f["age effect (AUROC gap <60 vs >=60)"] = [
+            f"{e} ({g:.3f})" for e, g in zip(f["age_effect"], f["auroc_gap"], strict=True)
+        ]
+        table = f.pivot(
+            index="age effect (AUROC gap <60 vs >=60)", columns="test_images", values="age_flagged"
+        )
+        lines += [
+            "",
+            "Power: P(age flagged) by planted age effect (rows) and test images per task:",
+            tabulate(table.map(lambda v: f"{v:.0%}"), headers="keys", tablefmt="github"),
+            "with the age effect planted, sex flagged in "
+            f"{f['sex_flagged'].mean():.1%} and ethnicity in {f['ethnicity_flagged'].mean():.1%}"
+            " of studies (nominal: at most alpha).",
+        ]
+    verdict = "within target" if report["within_target"] else "NOT within target"
+    lines += ["", f"Every null rate: {verdict}."]
+    return "\n".join(lines)

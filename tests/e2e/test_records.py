@@ -1,0 +1,138 @@
+"""Every change takes effect and every record tells the truth, on a tiny study of its own.
+
+* a forced rerun of a stage whose inputs did not change leaves its outputs byte-identical
+  (``dvc.lock`` unchanged), so nothing cascades through the pipeline;
+* changing ``cohort.images_per_site`` reruns the cohort and everything downstream, and the
+  data card records the new size (the setting was called ``size``, which DVC's run cache cannot
+  see: treeverse/dvc issue 10296);
+* ``retfm doctor`` finds the study clean, and names a tampered data card, a stale setting and a
+  tampered registry tag;
+* a copied project does not write into the original's MLflow artifacts: it stops and says
+  ``retfm relocate``, after which it works on its own artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.e2e
+
+#: One stage of each kind, in pipeline order.
+STAGES = (
+    "validate",
+    "cohort@hospital",
+    "pack_cohort@hospital",
+    "pack_task@hospital_dr",
+    "pretrain@hospital",
+    "register@hospital",
+    "adapt@hospital-hospital_dr",
+    "evaluate",
+    "compare",
+)
+
+
+@pytest.fixture(scope="module")
+def records(make_study):  # noqa: ANN001, ANN201
+    return make_study("records")
+
+
+def _lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_forced_rerun_leaves_outputs_byte_identical(records, sh, stage: str) -> None:  # noqa: ANN001
+    before = _lock(records.path)[stage]
+    sh(["dvc", "repro", "--force", "--single-item", stage], records.path)
+    after = _lock(records.path)[stage]
+    changed = [
+        o["path"] for o, n in zip(before["outs"], after["outs"], strict=True) if o != n
+    ]
+    assert not changed, f"{stage}: a rerun with unchanged inputs changed {changed}"
+
+
+def test_doctor_finds_a_clean_study(records, sh) -> None:  # noqa: ANN001
+    out = sh(["retfm", "doctor"], records.path).stdout
+    assert "all records agree" in out and "DISAGREES" not in out
+
+
+def test_changing_the_cohort_size_reruns_it_and_everything_downstream(records, sh) -> None:  # noqa: ANN001
+    params = records.path / "params.yaml"
+    original = params.read_text()
+    n = yaml.safe_load(original)["cohort"]["images_per_site"]
+    try:
+        params.write_text(original.replace(f"images_per_site: {n}", f"images_per_site: {n - 10}"))
+        out = sh(["dvc", "repro"], records.path).stdout
+        for stage in ("cohort@hospital", "pretrain@hospital", "register@hospital", "compare"):
+            assert f"Running stage '{stage}'" in out, out[-3000:]
+        card = json.loads((records.path / "outputs/cohorts/hospital/card/card.json").read_text())
+        assert card["size"]["images"] == n - 10
+        assert "all records agree" in sh(["retfm", "doctor"], records.path).stdout
+    finally:
+        params.write_text(original)
+        sh(["dvc", "repro"], records.path)  # the original runs come back from the run cache
+
+
+def test_an_old_params_file_stops_at_the_door_naming_the_new_key(records, sh) -> None:  # noqa: ANN001
+    params = records.path / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("images_per_site:", "size:"))
+        proc = sh(["dvc", "repro", "--force", "--single-item", "validate"], records.path,
+                  check=False)  # fmt: skip
+        assert proc.returncode != 0
+        assert "cohort.size: renamed: use cohort.images_per_site" in proc.stderr + proc.stdout
+    finally:
+        params.write_text(original)
+
+
+def test_doctor_names_each_tampered_record(records, sh) -> None:  # noqa: ANN001
+    repo = records.path
+    card_path = repo / "outputs/cohorts/hospital/card/card.json"
+    card_text = card_path.read_text()
+    params = repo / "params.yaml"
+    params_text = params.read_text()
+    client = MlflowClient(records.tracking_uri, records.tracking_uri)
+    version = client.get_model_version_by_alias("fm-screening", "candidate")
+    true_md5 = version.tags["data.md5"]
+    try:
+        card = json.loads(card_text)
+        card["size"]["images"] += 1
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        params.write_text(params_text.replace("strategy: random", "strategy: stratified"))
+        client.set_model_version_tag("fm-screening", version.version, "data.md5", "0" * 32)
+        proc = sh(["retfm", "doctor"], repo, check=False)
+        assert proc.returncode == 1
+        lines = proc.stdout.splitlines()
+        disagree = [line for line in lines if line.startswith("DISAGREES")]
+        assert any("data card" in x and "hospital" in x and "holds" in x for x in disagree), lines
+        assert any("cohort.strategy" in x and "stratified" in x for x in disagree), lines
+        assert any("fm-screening" in x and "data.md5" in x for x in disagree), lines
+    finally:
+        card_path.write_text(card_text)
+        params.write_text(params_text)
+        client.set_model_version_tag("fm-screening", version.version, "data.md5", true_md5)
+    assert "all records agree" in sh(["retfm", "doctor"], repo).stdout
+
+
+def test_a_copied_project_says_relocate_then_uses_its_own_artifacts(records, sh, tmp_path) -> None:  # noqa: ANN001
+    copy = tmp_path / "colleague"
+    shutil.copytree(records.path, copy, symlinks=True)
+    proc = sh(["dvc", "repro", "--force", "--single-item", "compare"], copy, check=False)
+    assert proc.returncode != 0
+    message = proc.stderr + proc.stdout
+    assert "retfm relocate" in message and "still exists (a copy)" in message
+    assert "relocate" in sh(["retfm", "doctor"], copy, check=False).stdout
+    moved = sh(["retfm", "relocate"], copy).stdout
+    assert "artifact locations moved" in moved
+    sh(["dvc", "repro", "--force", "--single-item", "compare"], copy)
+    assert "all records agree" in sh(["retfm", "doctor"], copy).stdout
+    mine = list((copy / "mlruns/artifacts/study").rglob("report.html"))
+    theirs = list((records.path / "mlruns/artifacts/study").rglob("report.html"))
+    assert len(mine) == len(theirs) + 1  # the new run's report landed in the copy only

@@ -1,0 +1,106 @@
+"""The study's decisions, calibrated by the project's own simulation (quick version; the full
+one is ``retfm calibrate`` / benchmarks/bench_calibration.py). These tests fail if a decision
+is made anti-conservative again, e.g. by deciding alignment with a t-test over seeds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from retfm.evaluation import comparison
+from retfm.evaluation.analysis import AnalysisConfig
+from retfm.evaluation.calibration import (
+    ALIGNMENT,
+    ANY_FACTOR,
+    COMPARISON,
+    SEED_TTEST,
+    Rate,
+    alignment_power,
+    calibrate_null,
+    null_rates,
+    run_studies,
+)
+from retfm.evaluation.simulation import demo_like_design, design_from_predictions, simulate_study
+from retfm.evaluation.statistics import PairedResult, seed_ttest, seeded_paired_test
+
+ALPHA = 0.05
+QUICK = 90  # null studies: enough to tell 5% from the 13-39% of a seeds-only test
+
+
+def _clearly_above_nominal(rate: Rate, nominal: float) -> bool:
+    return rate.interval[0] > nominal
+
+
+@pytest.fixture(scope="module")
+def null_outcomes():
+    return run_studies(demo_like_design(300), AnalysisConfig(alpha=ALPHA), QUICK, progress=False)
+
+
+def test_null_rates_of_every_decision_are_not_above_nominal(null_outcomes):
+    rates = null_rates(null_outcomes)
+    assert rates[COMPARISON].n == 3 * QUICK
+    for key, nominal in ((COMPARISON, ALPHA), (ALIGNMENT, ALPHA / 2), (ANY_FACTOR, ALPHA)):
+        assert not _clearly_above_nominal(rates[key], nominal), (key, str(rates[key]))
+
+
+def test_the_seed_ttest_that_was_replaced_is_caught_by_the_same_check(null_outcomes):
+    rate = null_rates(null_outcomes)[SEED_TTEST]
+    assert _clearly_above_nominal(rate, ALPHA / 2), str(rate)
+
+
+def _seeds_only(y, probs_a, probs_b, clusters=None, *, ci=0.95) -> PairedResult:
+    """The old headline: a t-test over seeds in the deciding test's clothes."""
+    res = seeded_paired_test(y, probs_a, probs_b, clusters, ci=ci)
+    p = seed_ttest(res.seed_aurocs_a, res.seed_aurocs_b)["p"]
+    return replace(res, p=float(p))
+
+
+def test_switching_the_headline_back_to_the_seed_ttest_fails_the_check(monkeypatch):
+    monkeypatch.setattr(comparison, "seeded_paired_test", _seeds_only)
+    outcomes = run_studies(
+        demo_like_design(300),
+        AnalysisConfig(alpha=ALPHA),
+        QUICK,
+        factors=False,
+        progress=False,
+        workers=1,
+    )
+    rate = null_rates(outcomes)[ALIGNMENT]
+    assert _clearly_above_nominal(rate, ALPHA / 2), str(rate)
+
+
+def test_power_grows_with_the_planted_difference():
+    table = alignment_power(
+        demo_like_design(), AnalysisConfig(), [0.0, 0.12], [800], 24, progress=False
+    )
+    low, high = table["rate"].tolist()
+    assert low <= 0.15 and high >= 0.7
+
+
+def test_rate_interval_is_exact():
+    r = Rate(5, 100)
+    lo, hi = r.interval
+    assert r.rate == 0.05 and lo == pytest.approx(0.01643, abs=1e-4)
+    assert hi == pytest.approx(0.11284, abs=1e-4)
+    assert np.isnan(Rate(0, 0).rate)
+
+
+def test_design_matched_calibration_resamples_the_studys_patients():
+    real = simulate_study(demo_like_design(150), 5)
+    fm_sites = {"hospital": "hospital", "screening": "screening"}
+    tasks = {"hospital_dr": "hospital", "screening_dr": "screening", "public_dr": "public"}
+    design = design_from_predictions(real, fm_sites, tasks)
+    assert [t.n_test for t in design.tasks] == [150, 150, 150]
+    assert [t.n_classes for t in design.tasks] == [2, 2, 3] and design.seeds == 3
+    fake = simulate_study(design, 0)
+    assert set(fake) == set(real)
+    assert set(fake[("hospital", "public_dr")]["y_true"]) <= {0, 1, 2}
+    cal = calibrate_null(design, AnalysisConfig(), 12, progress=False)
+    assert cal["n_studies"] == 12 and set(cal["headline"]) == {
+        "FM comparison",
+        "aligned FM better",
+        "any factor flagged",
+    }
+    assert all(t["resampled_from_study"] for t in cal["design"]["tasks"])
