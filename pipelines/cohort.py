@@ -47,7 +47,15 @@ def main(site: str) -> None:
         pools=pools,
     )
     out = outputs / "cohorts" / site
-    validate_cohort(result.cohort, pools[site], heldout, settings, out / "validation")
+    validate_cohort(
+        result.cohort,
+        pools[site],
+        heldout,
+        settings,
+        out / "validation",
+        site=site,
+        docs_dir=outputs / "docs" / "cohorts" / site,  # run times: outside the DVC output
+    )
     result.cohort.to_parquet(out / "cohort.parquet", index=False)
     card = build_card(
         result.cohort,

@@ -349,6 +349,23 @@ def relocate(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @app.command()
+def relink(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Record a finished study in the current MLflow store (e.g. the team server) without
+    retraining: pre-training runs from their outputs, the other tracked stages rerun."""
+    from retfm.relink import relink as relink_study
+    from retfm.tracking import tracking_uri
+
+    setup_logging()
+    settings = load_settings(params)
+    try:
+        stages = relink_study(settings, echo=typer.echo)
+    except (FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
+    typer.echo(f"\nrelinked: {len(stages)} stages rerun against {tracking_uri(settings)}; "
+               "`git status` should show dvc.lock unchanged")  # fmt: skip
+
+
+@app.command()
 def server(
     backend_store_uri: Annotated[
         str | None,

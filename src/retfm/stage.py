@@ -26,8 +26,28 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("alembic", "mlflow.store.db.utils", "great_expectations", "urllib3"):
+    if os.environ.get("RETFM_LOG_LEVEL", "INFO").upper() == "DEBUG":
+        return  # verbose: every library's own messages
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # ONNX Runtime's own logger: on a CPU-only machine it logs the CUDA provider that
+        import onnxruntime as ort  # cannot load (MLflow asks for it) as an error, every time
+
+        ort.set_default_logger_severity(4)  # fatal only: a session that fails still raises
+    except ImportError:
+        pass
+
+
+#: Third-party loggers whose INFO lines drown the stages' own (onnx_ir: hundreds per export).
+NOISY_LOGGERS = (
+    "alembic",
+    "mlflow.store.db.utils",
+    "great_expectations",
+    "urllib3",
+    "onnx_ir",
+    "onnxscript",
+    "torch.onnx",
+)
 
 
 def stage(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:

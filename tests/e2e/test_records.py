@@ -1,8 +1,11 @@
-"""Every change takes effect and every record tells the truth, on a tiny study of its own.
+"""Every change takes effect and every record tells the truth, on the session's tiny study.
+
+Each test leaves the study as it found it (a forced rerun must change nothing; tampered records
+and params are restored), so the other end-to-end modules can share the one reproduced study.
 
 * a forced rerun of a stage whose inputs did not change leaves its outputs byte-identical
   (``dvc.lock`` unchanged), so nothing cascades through the pipeline;
-* changing ``cohort.images_per_site`` reruns the cohort and everything downstream, and the
+* changing ``cohort.images_per_site`` reruns the cohort, marks everything downstream stale, and the
   data card records the new size (the setting was called ``size``, which DVC's run cache cannot
   see: treeverse/dvc issue 10296);
 * ``retfm doctor`` finds the study clean, and names a tampered data card, a stale setting and a
@@ -14,12 +17,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from retfm.profiles import apply_overrides
 
 pytestmark = pytest.mark.e2e
 
@@ -38,8 +44,8 @@ STAGES = (
 
 
 @pytest.fixture(scope="module")
-def records(make_study):  # noqa: ANN001, ANN201
-    return make_study("records")
+def records(study):  # noqa: ANN001, ANN201
+    return study
 
 
 def _lock(repo: Path) -> dict:
@@ -51,9 +57,7 @@ def test_forced_rerun_leaves_outputs_byte_identical(records, sh, stage: str) -> 
     before = _lock(records.path)[stage]
     sh(["dvc", "repro", "--force", "--single-item", stage], records.path)
     after = _lock(records.path)[stage]
-    changed = [
-        o["path"] for o, n in zip(before["outs"], after["outs"], strict=True) if o != n
-    ]
+    changed = [o["path"] for o, n in zip(before["outs"], after["outs"], strict=True) if o != n]
     assert not changed, f"{stage}: a rerun with unchanged inputs changed {changed}"
 
 
@@ -62,21 +66,24 @@ def test_doctor_finds_a_clean_study(records, sh) -> None:  # noqa: ANN001
     assert "all records agree" in out and "DISAGREES" not in out
 
 
-def test_changing_the_cohort_size_reruns_it_and_everything_downstream(records, sh) -> None:  # noqa: ANN001
+def test_changing_the_cohort_size_reruns_it_and_marks_downstream_stale(records, sh) -> None:  # noqa: ANN001
     params = records.path / "params.yaml"
     original = params.read_text()
     n = yaml.safe_load(original)["cohort"]["images_per_site"]
     try:
         params.write_text(original.replace(f"images_per_site: {n}", f"images_per_site: {n - 10}"))
-        out = sh(["dvc", "repro"], records.path).stdout
-        for stage in ("cohort@hospital", "pretrain@hospital", "register@hospital", "compare"):
-            assert f"Running stage '{stage}'" in out, out[-3000:]
+        out = sh(["dvc", "repro", "cohort@hospital"], records.path).stdout
+        assert "Running stage 'cohort@hospital'" in out, out[-3000:]
         card = json.loads((records.path / "outputs/cohorts/hospital/card/card.json").read_text())
         assert card["size"]["images"] == n - 10
-        assert "all records agree" in sh(["retfm", "doctor"], records.path).stdout
+        status = sh(["dvc", "status"], records.path).stdout
+        for stage in ("pack_cohort@hospital", "register@hospital"):
+            assert f"{stage}:" in status, status
+        assert "cohort@screening:" not in status, status
     finally:
         params.write_text(original)
-        sh(["dvc", "repro"], records.path)  # the original runs come back from the run cache
+        sh(["dvc", "repro", "cohort@hospital"], records.path)  # back from the run cache
+    assert "all records agree" in sh(["retfm", "doctor"], records.path).stdout
 
 
 def test_an_old_params_file_stops_at_the_door_naming_the_new_key(records, sh) -> None:  # noqa: ANN001
@@ -136,3 +143,50 @@ def test_a_copied_project_says_relocate_then_uses_its_own_artifacts(records, sh,
     mine = list((copy / "mlruns/artifacts/study").rglob("report.html"))
     theirs = list((records.path / "mlruns/artifacts/study").rglob("report.html"))
     assert len(mine) == len(theirs) + 1  # the new run's report landed in the copy only
+
+
+def test_a_study_moved_to_another_store_stops_at_the_door_then_relinks(
+    records, sh, tmp_path
+) -> None:  # noqa: ANN001, E501
+    repo = records.path
+    other = f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": other}
+    lock = (repo / "dvc.lock").read_bytes()
+    metrics = (repo / "outputs/evaluation/metrics.json").read_bytes()
+    proc = sh(["dvc", "repro", "--force", "--single-item", "evaluate"], repo, check=False, env=env)
+    assert proc.returncode != 0
+    assert "retfm relink" in proc.stderr + proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    # the failed stage kept the git-tracked metrics (persist: true), which DVC could not restore
+    assert (repo / "outputs/evaluation/metrics.json").read_bytes() == metrics
+    doctor = sh(["retfm", "doctor"], repo, check=False, env=env)
+    assert doctor.returncode == 1 and "retfm relink" in doctor.stdout, doctor.stdout
+    out = sh(["retfm", "relink"], repo, env=env).stdout
+    assert "pretrain@hospital: recorded from its outputs (not retrained)" in out, out
+    assert (repo / "dvc.lock").read_bytes() == lock  # every rerun stage came out identical
+    assert "all records agree" in sh(["retfm", "doctor"], repo, env=env).stdout
+    client = MlflowClient(other, other)
+    assert (
+        client.get_model_version_by_alias("fm-hospital", "candidate").tags["fm.site"] == "hospital"
+    )
+    # and the study's own store is still the one it answers to without the variable
+    assert "all records agree" in sh(["retfm", "doctor"], repo).stdout
+
+
+def test_the_readme_grid_line_runs_every_adapt_stage_in_parallel(records, sh) -> None:  # noqa: ANN001
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = re.search(r"^\s*(dvc stage list --name-only \| grep '\^adapt@' \| xargs .*)$",
+                     readme, re.M).group(1)  # fmt: skip
+    params = records.path / "params.yaml"
+    original = params.read_text()
+    epochs = yaml.safe_load(original)["adapt"]["epochs"]
+    try:  # every adapt stage stale at once, its upstream up to date
+        apply_overrides(params, {"adapt": {"epochs": epochs - 1}})
+        proc = sh(["bash", "-c", line], records.path)
+        ran = re.findall(r"Running stage '(adapt@[^']+)'", proc.stdout + proc.stderr)
+        assert len(ran) == 6, proc.stdout[-3000:]
+        status = sh(["dvc", "status"], records.path).stdout
+        assert "adapt@" not in status and "evaluate:" in status, status
+    finally:
+        params.write_text(original)
+        sh(["dvc", "repro"], records.path)  # back from the run cache
+    assert "up to date" in sh(["dvc", "status"], records.path).stdout

@@ -181,16 +181,20 @@ def _check_table(
     return runner.run(str(csv_path), checked, suite, notes=notes), df
 
 
-def validate_raw(settings: Settings, data_root: Path, out_dir: Path) -> ValidationReport:
+def validate_raw(
+    settings: Settings, data_root: Path, out_dir: Path, *, docs_dir: Path | None = None
+) -> ValidationReport:
     """Validate every site and task of the study under ``data_root`` (the ``data/`` folder).
 
-    Writes ``out_dir/report.json`` and ``out_dir/data_docs/`` always (a CSV that cannot be read
-    appears in the report only, as no GX suite ran on it); the normalised tables
+    Writes ``out_dir/report.json`` and the Data Docs (``docs_dir``, by default
+    ``out_dir/data_docs/``; they hold run times, so stages keep them out of DVC outs) always
+    (a CSV that cannot be read appears in the report only, as no GX suite ran on it); the
+    normalised tables
     ``out_dir/sites/<site>.parquet`` and ``out_dir/tasks/<task>.parquet`` only when everything
     passed (stale ones are removed otherwise). Raises :class:`ValidationFailed` on any failure.
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
-    runner = SuiteRunner(out_dir / "data_docs", settings.validation.max_report_rows)
+    runner = SuiteRunner(docs_dir or out_dir / "data_docs", settings.validation.max_report_rows)
     report = ValidationReport()
     tables: dict[Path, pd.DataFrame | None] = {}
     plan = [("sites", s) for s in settings.study.sites] + [
@@ -235,15 +239,17 @@ def validate_cohort(
     out_dir: Path,
     *,
     site: str = "cohort",
+    docs_dir: Path | None = None,
 ) -> ValidationReport:
     """Validate a sampled cohort against its site pool and the site's held-out patients.
 
     Runs the cohort suite (site rules + no held-out patient) and the mix suite (age band and
     sex shares within ``validation.distribution_tolerance`` of the pool's). Writes
-    ``out_dir/report.json`` and ``out_dir/data_docs/``; raises :class:`ValidationFailed`.
+    ``out_dir/report.json`` and the Data Docs (``docs_dir``, by default ``out_dir/data_docs/``);
+    raises :class:`ValidationFailed`.
     """
     out_dir = Path(out_dir)
-    runner = SuiteRunner(out_dir / "data_docs", settings.validation.max_report_rows)
+    runner = SuiteRunner(docs_dir or out_dir / "data_docs", settings.validation.max_report_rows)
     flagged = suites.with_heldout_flag(cohort, heldout_patients)
     mix = suites.mix_table(cohort, pool, settings)
     report = ValidationReport(

@@ -1,0 +1,132 @@
+"""Move a finished study onto another MLflow tracking store, without retraining.
+
+Stage outputs name MLflow runs by a content key (``retfm.key``) and registry versions by their
+weights, never by one store's ids. A study reproduced against one store and then pointed at
+another (the embedded ``mlruns/`` store moved onto the team server) therefore finds none of its
+runs there, and the stages that look them up stop at the door with a message naming this
+command. ``retfm relink`` records the study in the current store:
+
+1. each pre-training run, from its stage outputs (``run.json``, ``history.csv``, ``loss.png``):
+   the weights are not retrained, the new run carries the same key and a ``retfm.relinked`` tag;
+2. every stage that writes to the tracking store (validate, cohort, register, adapt, evaluate,
+   compare), forced to rerun in pipeline order with ``dvc repro --force --single-item``. These
+   stages are deterministic, so their outputs, ``dvc.lock`` and the git-tracked metrics come out
+   byte-identical (``tests/e2e/test_records.py`` checks this), and on the way they register both
+   FMs and every classifier and log their runs in the new store.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric
+
+from retfm import tracking
+from retfm.settings import Settings
+
+#: Stages that log to the tracking store, in pipeline order; pre-training is relinked from its
+#: outputs instead (a rerun would retrain).
+TRACKED_STAGES = ("validate", "cohort", "register", "adapt", "evaluate", "compare")
+
+
+def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
+    """Record each site's pre-training run in the current store from its stage outputs.
+
+    Returns the sites recorded now (a site whose keyed run is already here is left alone).
+    """
+    done = []
+    client = tracking.configure(settings)
+    for site in settings.study.sites:
+        out = root / settings.paths.outputs / "pretrain" / site
+        record_path = out / "run.json"
+        if not record_path.is_file():
+            raise FileNotFoundError(
+                f"{record_path}: no pre-training record; run `dvc repro pretrain@{site}` (or "
+                "`dvc pull`) first"
+            )
+        record = json.loads(record_path.read_text())
+        key = record["mlflow_key"]
+        exp = client.get_experiment_by_name("pretrain")
+        if exp is not None and tracking.find_run(
+            client, exp.experiment_id, {tracking.RUN_KEY: key}
+        ):
+            continue
+        tags = {
+            "fm.site": site,
+            "recipe": str(record.get("recipe", "")),
+            "recipe.hash": str(record.get("recipe_hash", "")),
+            "cohort.fingerprint": str(record.get("cohort_fingerprint", "")),
+            "stage": "pretrain",
+            "retfm.relinked": "true",
+        }
+        with tracking.run(settings, "pretrain", name=f"pretrain-{site}", tags=tags, key=key):
+            mlflow.log_params({"steps": record.get("steps"), "seed": settings.study.seed})
+            history = out / "history.csv"
+            if history.is_file():
+                _log_history(history)
+            if record.get("final_loss") is not None:
+                mlflow.log_metric("final_loss", float(record["final_loss"]))
+            for name in ("loss.png", "history.csv"):
+                if (out / name).is_file():
+                    mlflow.log_artifact(str(out / name))
+        done.append(site)
+    return done
+
+
+def _log_history(path: Path) -> None:
+    table = pd.read_csv(path)
+    if table.empty or "step" not in table:
+        return
+    metrics = [c for c in ("loss", "lr") if c in table]
+    client = mlflow.tracking.MlflowClient()
+    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+
+    rows = [
+        Metric(m, float(v), 0, int(s))
+        for m in metrics
+        for s, v in zip(table["step"], table[m], strict=True)
+    ]
+    for start in range(0, len(rows), 1000):
+        client.log_batch(run_id, metrics=rows[start : start + 1000])
+
+
+def stage_names(root: Path = Path(".")) -> list[str]:
+    """Every stage of the project's pipeline (foreach/matrix expanded), in dvc.yaml order."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "stage", "list", "--name-only"],
+        cwd=root, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
+def tracked_stages(names: list[str]) -> list[str]:
+    """The stages :func:`relink` reruns, in :data:`TRACKED_STAGES` order."""
+    return [s for kind in TRACKED_STAGES for s in names if s.split("@")[0] == kind]
+
+
+def relink(
+    settings: Settings, root: Path = Path("."), echo: Callable[[str], None] = print
+) -> list[str]:
+    """Record the study in the current tracking store; returns the stages rerun."""
+    for site in relink_pretraining(settings, root):
+        echo(f"pretrain@{site}: recorded from its outputs (not retrained)")
+    stages = tracked_stages(stage_names(root))
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for stage in stages:
+        echo(f"{stage}: rerunning against {tracking.tracking_uri(settings)}")
+        proc = subprocess.run(
+            [dvc, "repro", "--force", "--single-item", stage], cwd=root,
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode:
+            raise RuntimeError(
+                f"dvc repro --force --single-item {stage} failed:\n"
+                f"{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+    return stages
