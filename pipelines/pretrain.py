@@ -110,8 +110,9 @@ def main(site: str) -> None:
     print(f"pretrain {site}: {result.steps} steps, final loss {result.final_loss:.4f}")
 
 
-def _import_released(settings: Settings, site: str, path: Path, out: Path,
-                     tags: dict[str, str]) -> None:
+def _import_released(
+    settings: Settings, site: str, path: Path, out: Path, tags: dict[str, str]
+) -> None:
     """Use a released RETFound MAE checkpoint as this site's FM instead of pre-training.
 
     Both sites' imports share one recipe hash (the released recipe), so the comparison stage
@@ -119,28 +120,57 @@ def _import_released(settings: Settings, site: str, path: Path, out: Path,
     """
     encoder, arch, prep = import_mae(path)
     if arch.img_size != settings.pack.image_size:
-        raise ValueError(f"{path}: encoder input is {arch.img_size}px but pack.image_size is "
-                         f"{settings.pack.image_size}; use a profile with that size (paper)")
+        raise ValueError(
+            f"{path}: encoder input is {arch.img_size}px but pack.image_size is "
+            f"{settings.pack.image_size}; use a profile with that size (paper)"
+        )
     weights_sha = sha256_file(path)
-    recipe, recipe_hash = "released-retfound-mae", hashlib.sha256(
-        arch.model_dump_json().encode()).hexdigest()[:16]
+    recipe, recipe_hash = (
+        "released-retfound-mae",
+        hashlib.sha256(arch.model_dump_json().encode()).hexdigest()[:16],
+    )
     out.mkdir(parents=True, exist_ok=True)
-    save_encoder(out / "encoder.safetensors", encoder, arch, prep,
-                 {"imported_from": path.name, "source.sha256": weights_sha})
+    save_encoder(
+        out / "encoder.safetensors",
+        encoder,
+        arch,
+        prep,
+        {"imported_from": path.name, "source.sha256": weights_sha},
+    )
     (out / "history.csv").write_text("step,epoch,loss,lr\n")
     plot_loss(out / "history.csv", out / "loss.png", title=f"{site}: imported, not trained")
     key = tracking.run_key("pretrain", site, "imported", weights_sha[:16])
-    with tracking.run(settings, "pretrain", name=f"import-{site}", key=key,
-                      tags={**tags, "recipe": recipe, "recipe.hash": recipe_hash,
-                            "cohort.fingerprint": "imported",
-                            "imported_from": path.name, "source.sha256": weights_sha}):
-        tracking.write_json(out / "run.json", {
-            "mlflow_key": key, "site": site, "steps": 0, "final_loss": None,
-            "recipe": recipe, "recipe_hash": recipe_hash, "preprocessing": prep.to_json(),
-            "cohort_fingerprint": "imported", "imported_from": str(path),
-        })
-    print(f"pretrain {site}: imported {path.name} (ViT {arch.embed_dim}d x {arch.depth}), "
-          "not trained")
+    with tracking.run(
+        settings,
+        "pretrain",
+        name=f"import-{site}",
+        key=key,
+        tags={
+            **tags,
+            "recipe": recipe,
+            "recipe.hash": recipe_hash,
+            "cohort.fingerprint": "imported",
+            "imported_from": path.name,
+            "source.sha256": weights_sha,
+        },
+    ):
+        tracking.write_json(
+            out / "run.json",
+            {
+                "mlflow_key": key,
+                "site": site,
+                "steps": 0,
+                "final_loss": None,
+                "recipe": recipe,
+                "recipe_hash": recipe_hash,
+                "preprocessing": prep.to_json(),
+                "cohort_fingerprint": "imported",
+                "imported_from": str(path),
+            },
+        )
+    print(
+        f"pretrain {site}: imported {path.name} (ViT {arch.embed_dim}d x {arch.depth}), not trained"
+    )
 
 
 if __name__ == "__main__":

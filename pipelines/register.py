@@ -42,8 +42,11 @@ def main(site: str) -> None:
         "fm.model": name,
         "recipe": run["recipe"],
         "recipe.hash": run["recipe_hash"],
-        "cohort.md5": (f"released:{run['imported_from']}" if run.get("imported_from")
-                       else tracking.lock_hash(f"cohort@{site}", f"outputs/cohorts/{site}")),
+        "cohort.md5": (
+            f"released:{run['imported_from']}"
+            if run.get("imported_from")
+            else tracking.lock_hash(f"cohort@{site}", f"outputs/cohorts/{site}")
+        ),
         "cohort.fingerprint": run["cohort_fingerprint"],
     }
     example = (

@@ -387,6 +387,13 @@ def server(
     workdir: Annotated[Path, typer.Option(help="logs, auth db, --local data")] = Path(
         ".retfm-server"
     ),
+    s3_port: Annotated[
+        int | None, typer.Option(help="--local: S3 port (default: last start's, else 8333)")
+    ] = None,
+    pg_port: Annotated[
+        int | None, typer.Option(help="--local: PostgreSQL port (last start's, else 5433)")
+    ] = None,
+    dvc_bucket: Annotated[str, typer.Option(help="--local: bucket for the DVC remote")] = "dvc",
 ) -> None:
     """Run the team's MLflow server (PostgreSQL + S3 artifacts, proxied) until Ctrl-C.
 
@@ -397,7 +404,7 @@ def server(
     import time
     from contextlib import ExitStack
 
-    from retfm.team import ServiceError, mlflow_server, team_stack
+    from retfm.team import ServiceError, first_day_lines, local_ports, mlflow_server, team_stack
 
     if not local and not (backend_store_uri and artifacts_destination):
         _fail("give --backend-store-uri and --artifacts-destination, or --local")
@@ -406,9 +413,17 @@ def server(
     with ExitStack() as stack:
         try:
             if local:
+                ports = local_ports(workdir, {"s3": s3_port, "postgres": pg_port})
                 s3, pg, srv = stack.enter_context(
                     team_stack(
-                        workdir, workers=workers, basic_auth=basic_auth, port=port, persist=True
+                        workdir,
+                        workers=workers,
+                        basic_auth=basic_auth,
+                        port=port,
+                        persist=True,
+                        s3_port=ports["s3"],
+                        pg_port=ports["postgres"],
+                        extra_buckets=(dvc_bucket,),
                     )
                 )
                 typer.echo(f"PostgreSQL: {pg.uri}\nS3: {s3.endpoint} (data in {s3.data_dir})")
@@ -427,7 +442,14 @@ def server(
         except ServiceError as err:
             _fail(str(err))
         typer.echo(f"MLflow server log: {srv.log_path}")
-        typer.echo(f"export MLFLOW_TRACKING_URI={srv.uri}", color=False)
+        if local:
+            typer.echo(
+                "\n# ready to paste, in the project (each member once per clone; commit "
+                ".dvc/config,\n# the keys go to the git-ignored .dvc/config.local):"
+            )
+            typer.echo(first_day_lines(srv.uri, s3, dvc_bucket), color=False)
+        else:
+            typer.echo(f"export MLFLOW_TRACKING_URI={srv.uri}", color=False)
         sys.stdout.flush()
         try:
             while srv.process.popen.poll() is None:

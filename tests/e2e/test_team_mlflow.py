@@ -215,8 +215,38 @@ def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> tup
     raise AssertionError(f"no {prefix!r} line (rc={proc.poll()}):\n{seen}")
 
 
+def _follow_first_day_lines(lines: list[str], tmp_path: Path) -> None:
+    """The printed ``dvc remote`` lines, pasted into a project: push, then a second clone
+    (which gets .dvc/config from git and pastes only the ``--local`` credential lines) pulls."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def sh(cmd: str, cwd: Path) -> None:
+        proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+
+    first = tmp_path / "first"
+    (first / "data").mkdir(parents=True)
+    (first / "data" / "scan.txt").write_text("a fundus photograph, as far as DVC can tell\n")
+    sh("git init -q && dvc init -q && dvc add -q data", first)
+    for line in lines:
+        sh(line, first)
+    sh(f"{' '.join(git)} add -A && {' '.join(git)} commit -qm study", first)
+    assert "secret" not in (first / ".dvc/config").read_text()  # keys stay in config.local
+    sh("dvc push", first)
+    sh(f"git clone -q {first} second", tmp_path)
+    second = tmp_path / "second"
+    for line in lines:
+        if "--local" in line:
+            sh(line, second)
+    sh("dvc pull", second)
+    assert (second / "data" / "scan.txt").read_text() == (first / "data/scan.txt").read_text()
+
+
 def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
-    """``retfm server --local --basic-auth``: refuses anonymous clients, stops every service."""
+    """``retfm server --local --basic-auth``: refuses anonymous clients, prints a first day's
+    lines (tracking URI, a DVC remote on its own S3) that work as pasted, keeps its ports for
+    the next start, stops every service."""
     import urllib.error
     import urllib.request
 
@@ -225,6 +255,7 @@ def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
     if missing_binaries():
         pytest.skip("; ".join(missing_binaries().values()))
     port = free_port()
+    s3_port = free_port(also_free=(10000,))
     # PostgreSQL runs as `postgres` when root: its data folder must be reachable by that user
     workdir = Path(tempfile.mkdtemp(prefix="retfm-server-"))
     workdir.chmod(0o755)
@@ -232,6 +263,7 @@ def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
         [
             *("retfm", "server", "--local", "--basic-auth", "--workers", "1"),
             *("--port", str(port), "--workdir", str(workdir / "state")),
+            *("--s3-port", str(s3_port), "--pg-port", str(free_port())),
         ],
         cwd=tmp_path,
         env={
@@ -245,7 +277,8 @@ def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
         start_new_session=True,
     )
     try:
-        line, seen = _wait_for_line(proc, "export MLFLOW_TRACKING_URI=", 240)
+        _, seen = _wait_for_line(proc, "dvc remote modify --local team secret_access_key", 240)
+        line = next(x for x in seen.splitlines() if x.startswith("export MLFLOW_TRACKING_URI="))
         uri = line.split("=", 1)[1]
         assert uri == f"http://127.0.0.1:{port}"
         s3_endpoint = next(x.split()[1] for x in seen.splitlines() if x.startswith("S3: "))
@@ -264,6 +297,11 @@ def test_retfm_server_local_with_basic_auth(tmp_path) -> None:
         )
         assert logged.returncode == 0 and "ok" in logged.stdout, logged.stderr[-3000:]
         assert (workdir / "state/postgres/data/PG_VERSION").is_file()  # kept for a restart
+        stored = json.loads((workdir / "state/ports.json").read_text())
+        assert stored["s3"] == s3_port and s3_endpoint == f"http://127.0.0.1:{s3_port}"
+        pasted = [x.strip() for x in seen.splitlines() if x.startswith("dvc remote ")]
+        assert len(pasted) >= 4, seen
+        _follow_first_day_lines(pasted, tmp_path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends

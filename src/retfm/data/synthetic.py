@@ -159,6 +159,7 @@ POPULATIONS: dict[str, Population] = {
     ),
 }
 
+
 def _shared_population() -> Population:
     """The average of the archetypes: who every site sees at ``effects.population: 0``."""
     pops = list(POPULATIONS.values())

@@ -547,16 +547,22 @@ def team_stack(
     basic_auth: bool = False,
     port: int | None = None,
     persist: bool = False,
+    s3_port: int | None = None,
+    pg_port: int | None = None,
+    extra_buckets: Sequence[str] = (),
 ) -> Iterator[tuple[S3Service, Postgres, MlflowServer]]:
     """SeaweedFS + PostgreSQL + MLflow server, all on loopback, stopped in reverse order.
 
-    The MLflow server listens on ``port`` (a free one when None); the others on free ports.
+    The MLflow server listens on ``port``, S3 on ``s3_port``, PostgreSQL on ``pg_port`` (free
+    ones when None). ``extra_buckets`` (e.g. the team's DVC remote) are created beside MLflow's.
     S3 data stays in ``workdir``; PostgreSQL's too with ``persist`` (else a temporary folder).
     """
     workdir = Path(workdir).resolve()
     with ExitStack() as stack:
-        s3 = stack.enter_context(seaweedfs_s3(workdir / "s3", buckets=(bucket,)))
-        pg = stack.enter_context(postgres(workdir / "postgres" if persist else None))
+        s3 = stack.enter_context(
+            seaweedfs_s3(workdir / "s3", buckets=(bucket, *extra_buckets), s3_port=s3_port)
+        )
+        pg = stack.enter_context(postgres(workdir / "postgres" if persist else None, port=pg_port))
         server = stack.enter_context(
             mlflow_server(
                 workdir / "mlflow",
@@ -569,3 +575,37 @@ def team_stack(
             )
         )
         yield s3, pg, server
+
+
+#: Stable defaults of ``retfm server --local``: the endpoint a team commits in .dvc/config must
+#: still answer after a restart (MLflow's own port is ``--port``, default 5000).
+DEFAULT_LOCAL_PORTS = {"s3": 8333, "postgres": 5433}
+
+
+def local_ports(workdir: Path, requested: dict[str, int | None]) -> dict[str, int]:
+    """The ports of a ``--local`` stack: those asked for now, else the ones this workdir used
+    last time (``ports.json``), else :data:`DEFAULT_LOCAL_PORTS`; written back for next time."""
+    path = Path(workdir) / "ports.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    ports = {
+        name: int(requested.get(name) or stored.get(name) or default)
+        for name, default in DEFAULT_LOCAL_PORTS.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ports, indent=2) + "\n")
+    return ports
+
+
+def first_day_lines(mlflow_uri: str, s3: S3Service, dvc_bucket: str, remote: str = "team") -> str:
+    """What a team member pastes: the tracking URI and a DVC remote on the local S3 (location
+    in .dvc/config, to commit; this server's local credentials in .dvc/config.local)."""
+    return "\n".join(
+        [
+            f"export MLFLOW_TRACKING_URI={mlflow_uri}",
+            f"dvc remote add -d -f {remote} s3://{dvc_bucket}/study",
+            f"dvc remote modify {remote} endpointurl {s3.endpoint}",
+            f"dvc remote modify {remote} verify true",
+            f"dvc remote modify --local {remote} access_key_id {s3.access_key}",
+            f"dvc remote modify --local {remote} secret_access_key {s3.secret_key}",
+        ]
+    )
