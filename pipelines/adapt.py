@@ -62,17 +62,28 @@ def main(fm: str, task: str) -> None:
     frames, runs, run_ids, best = [], {}, {}, None
     inputs = (weights_digest(weights)[:16], images.fingerprint[:16], settings.digest("adapt"))
     for seed in cfg.seeds:
-        result = adapt(weights, images, meta, cfg, seed=seed, features=features)
         runs[str(seed)] = tracking.run_key("adapt", fm, task, f"seed{seed}", *inputs)
         with tracking.run(
             settings,
             "adapt",
-            name=f"{fm}->{task} s{seed}",
+            name=f"{task} | fm-{fm} | seed {seed}",  # the task first: the UI cuts long names
             tags={**tags, "seed": str(seed)},
             parent_run_id=parent,
             key=runs[str(seed)],
-        ) as active:
+        ) as active:  # the run spans the training, so MLflow shows its real duration
+            result = adapt(weights, images, meta, cfg, seed=seed, features=features)
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items() if k != "seeds"})
+            # what the runs differ in, as params: Compare's "show diff only" and the parallel
+            # coordinates plot read params, not tags
+            mlflow.log_params(
+                {
+                    "fm": fm,
+                    "fm_version": fm_version,
+                    "task": task,
+                    "task_site": task_site,
+                    "aligned": str(fm == task_site).lower(),
+                }
+            )
             mlflow.log_params({"seed": seed, "classes": ",".join(result.classes)})
             for epoch, score in enumerate(result.val_scores):
                 mlflow.log_metric("val_auroc", float(score), step=epoch)
@@ -83,6 +94,7 @@ def main(fm: str, task: str) -> None:
         frames.append(result.predictions.assign(seed=seed))
         if best is None or result.best_val_auroc > best[1].best_val_auroc:
             best = (seed, result)
+    client.set_terminated(parent, "FINISHED")  # the study's parent ends with its last child
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
     assert best is not None

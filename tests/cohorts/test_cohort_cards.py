@@ -87,8 +87,8 @@ def test_card_image_sample_is_seeded(card_inputs) -> None:
 
 
 def test_grades_count_as_disease_when_above_zero(make_pool: PoolFactory) -> None:
-    pool = make_pool(5, max_images=1)
-    pool["diagnosis"] = ["0", "2", "", "Normal ", "glaucoma"]
+    pool = make_pool(6, max_images=1)
+    pool["diagnosis"] = ["0", "2", "", "Normal ", "glaucoma", " none"]
     card = build_card(
         pool,
         site="s",
@@ -99,8 +99,8 @@ def test_grades_count_as_disease_when_above_zero(make_pool: PoolFactory) -> None
         image_sample=0,
     )
     disease = card["disease"]
-    assert (disease["known"], disease["unknown"], disease["diseased"]) == (4, 1, 2)
-    assert disease["prevalence"] == 0.5
+    assert (disease["known"], disease["unknown"], disease["diseased"]) == (5, 1, 2)
+    assert disease["prevalence"] == 0.4  # "none" (the built-in data's word) is healthy
     assert card["images"] is None
 
 

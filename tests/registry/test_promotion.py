@@ -237,6 +237,11 @@ def test_promote_moves_champion_and_records_history(registry) -> None:
     last = json.loads(client.get_model_version(NAME, "2").tags["promotion.last"])
     assert last["promoted"] and last["previous_champion"] == "1" and last["who"]
     assert [d["version"] for d in _decisions(client)] == ["1", "3", "2"]
+    again = promote(client, NAME, "2", CFG, FACTORS, exp)  # the champion, promoted again
+    assert again.promoted and again.previous_champion == "1"  # not itself
+    runs = client.search_runs([exp], order_by=["attributes.start_time ASC"])
+    names = {r.info.run_name for r in runs}
+    assert {"promote-fm-hospital-v3-refused", "promote-fm-hospital-v2-granted"} <= names, names
 
 
 def test_refusal_exits_nonzero_changes_nothing_and_is_recorded(registry) -> None:

@@ -9,7 +9,8 @@ comparisons); ``card.md`` with PNG plots is for people.
 Definitions:
 
 * Disease prevalence, from ``diagnosis``: a number is a grade, diseased when > 0; text is diseased
-  unless it is ``normal`` (case and surrounding spaces ignored); an empty or missing diagnosis is
+  unless it is one of :data:`HEALTHY` (``normal``, ``none``, ``no DR``, ...; case and surrounding
+  spaces ignored); an empty or missing diagnosis is
   *unknown* and left out of the denominator (its count is reported).
 * Image statistics are on a seeded sample of ``image_sample`` images, each read in greyscale and
   shrunk to at most ``ANALYSIS_SIDE`` px on its longer side, so sharpness compares across cameras
@@ -39,7 +40,9 @@ CARD_VERSION = 1
 CATEGORICAL = ("sex", "ethnicity", "camera", "eye")
 PLOTTED = ("sex", "ethnicity", "camera", "eye")
 _AGE_BIN_WIDTH = 10.0
-_NORMAL = "normal"
+#: Diagnosis texts that mean "no disease" (case and surrounding spaces ignored): grading
+#: exports write ``normal``, ``none`` (as the built-in data does), ``no DR``, ``healthy``.
+HEALTHY = frozenset({"normal", "none", "no dr", "no_dr", "no disease", "healthy"})
 
 
 def build_card(
@@ -146,12 +149,13 @@ def _disease_section(cohort: pd.DataFrame) -> dict[str, Any] | None:
     is_grade = ~np.isnan(grade) & ~unknown
     is_text = ~is_grade & ~unknown
     diseased = (is_grade & (grade > 0)) | (
-        is_text & (text.str.lower() != _NORMAL).fillna(False).to_numpy()
+        is_text & ~text.str.lower().isin(HEALTHY).fillna(False).to_numpy()
     )
     known = int((~unknown).sum())
     top = text[~unknown].value_counts().head(10)
     return {
-        "rule": "grade > 0, or text other than 'normal'; empty = unknown (not in denominator)",
+        "rule": "grade > 0, or text other than normal / none / no DR / healthy; empty = unknown "
+        "(not in denominator)",
         "known": known,
         "unknown": int(unknown.sum()),
         "diseased": int(diseased.sum()),

@@ -194,7 +194,10 @@ def _record(client: MlflowClient, decision: Decision, experiment_id: str) -> Non
     client.set_model_version_tag(decision.model, decision.version, "promotion.last", payload)
     run = client.create_run(
         experiment_id,
-        run_name=f"promote-{decision.model}-v{decision.version}",
+        run_name=(
+            f"promote-{decision.model}-v{decision.version}-"
+            f"{'granted' if decision.promoted else 'refused'}"
+        ),
         tags={
             "model": decision.model,
             "model.version": decision.version,
@@ -224,11 +227,16 @@ def promote(
             else None
         )
         gates = evaluate_gates(cfg, cand_tags, champ_tags, factors)
+        # re-promoting the champion: its predecessor is the one before it, not itself
+        predecessor = previous
+        if previous == target:
+            earlier = _history(client, name)
+            predecessor = earlier[-1] if earlier else None
         decision = Decision(
             name,
             target,
             all(g.passed for g in gates),
-            previous,
+            predecessor,
             gates,
             who=_who(),
             when=datetime.now(UTC).isoformat(),
