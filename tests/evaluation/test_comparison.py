@@ -47,3 +47,13 @@ def test_recipes_restrict_the_pairs():
     preds = simulate_study(demo_like_design(100), 4)
     table = compare_fms(preds, same_recipe={"hospital": "mae", "screening": "dinov2"})
     assert table.empty
+
+
+def test_a_test_set_with_one_class_is_undetermined_not_an_error():
+    preds = simulate_study(demo_like_design(200), 5)
+    for fm in ("hospital", "screening"):
+        frame = preds[(fm, "hospital_dr")]
+        preds[(fm, "hospital_dr")] = frame[frame["y_true"] == 1]  # no AUROC in any seed
+    table = compare_fms(preds).set_index("task")
+    assert table.loc["hospital_dr", "verdict"].startswith("undetermined"), table
+    assert np.isnan(table.loc["hospital_dr", "p_seed_ttest"])

@@ -72,11 +72,10 @@ def _pair_row(task: str, fm_a: str, fm_b: str, a: pd.DataFrame, b: pd.DataFrame,
         images_a["patient_id"].astype(str).to_numpy(),
         ci=ci,
     )
-    tt = (
-        seed_ttest(list(res.seed_aurocs_a), list(res.seed_aurocs_b))
-        if res.seed_aurocs_a and res.seed_aurocs_b
-        else {"p": float("nan")}
-    )
+    # the extra column only: seeds whose AUROC is undefined (a class missing) are left out
+    seeds_a = [v for v in res.seed_aurocs_a if np.isfinite(v)]
+    seeds_b = [v for v in res.seed_aurocs_b if np.isfinite(v)]
+    tt = seed_ttest(seeds_a, seeds_b) if seeds_a and seeds_b else {"p": float("nan")}
     return {
         "task": task,
         "fm_a": fm_a,
