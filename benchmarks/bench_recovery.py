@@ -1,6 +1,6 @@
 """Does the demo find what was planted, and nothing else? The study at demo size, three times.
 
-1. ``planted``: params.yaml as committed (age effect ``age_visibility: 0.6``, alignment effect
+1. ``planted``: params.yaml as committed (age effect ``age_visibility: 0.8``, alignment effect
    ``alignment: {hospital: 1.0}``). Expected: age flagged, sex and ethnicity not; the aligned
    FM better on hospital_dr (planted), no evidence on screening_dr (not planted).
 2. ``no-effects``: ``profiles/no-effects.yaml`` (every ``synthetic.effects`` knob at 0).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import time
 
@@ -69,7 +70,7 @@ def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: Mlflow
 def test_compare_writes_report_and_summary(study, sh) -> None:
     summary = json.loads((study.path / "outputs/study/summary.json").read_text())
     assert summary["tasks"], summary
-    report = (study.path / "outputs/study/report.html").read_text()
+    report = html.unescape((study.path / "outputs/study/report.html").read_text())
     assert "Methods: how each question is decided" in report
     assert "Measured at this study's design" in report  # calibration at its own test sets
     shown = sh(["retfm", "summary"], study.path).stdout
