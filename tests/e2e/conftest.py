@@ -112,14 +112,17 @@ def team_services(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - g
 
 
 @pytest.fixture(scope="session")
-def team_study(team_services, tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Study:
-    """The tiny study reproduced against the team's MLflow server, its state committed to git."""
+def team_study(team_services, tmp_path_factory: pytest.TempPathFactory, study: Study) -> Study:
+    """The finished tiny study moved onto the team's MLflow server, as the README says:
+    a copy of the session's study (made on the embedded store, which the copy drops), pointed at
+    the server and ``retfm relink``-ed; its state then committed to git. ``repro`` holds the
+    relink's output."""
     server = team_services[2]
     env = {"MLFLOW_TRACKING_URI": server.uri}
-    repo = clone_repo(tmp_path_factory.mktemp("team-study"))
-    shutil.copytree(tiny_data, repo / "data")
-    run(["dvc", "add", "-q", "data"], repo, env=env)
-    proc = run(["dvc", "repro"], repo, env=env)
+    repo = tmp_path_factory.mktemp("team-study") / "study"
+    shutil.copytree(study.path, repo, symlinks=True)
+    shutil.rmtree(repo / "mlruns")  # nothing may still read the embedded store
+    proc = run(["retfm", "relink"], repo, env=env)
     run(["git", "add", "-A"], repo)
     # metrics with ``cache: false`` live in git, but .gitignore ignores /outputs/ as a whole
     run(["git", "add", "-f", *uncached_outs(repo)], repo)

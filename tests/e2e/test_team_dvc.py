@@ -23,12 +23,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.services]
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
 
+#: Below outputs/, what is not a DVC output and so never travels: the Data Docs (HTML views
+#: with run times, rebuilt by each run; logged to MLflow).
+LOCAL_ONLY = ("docs/",)
+
+
 def tree_md5(root: Path) -> dict[str, str]:
-    """{relative path: md5} of every file below ``root``."""
+    """{relative path: md5} of every file below ``root`` (outputs' local-only views left out)."""
     return {
         str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()  # noqa: S324
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not str(p.relative_to(root)).startswith(LOCAL_ONLY)
     }
 
 

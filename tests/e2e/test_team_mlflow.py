@@ -111,6 +111,19 @@ def client_env(uri: str) -> dict[str, str]:
     return env
 
 
+def test_a_study_made_on_the_embedded_store_moves_onto_the_server(
+    team_study, study, server, sh
+) -> None:  # noqa: ANN001
+    """``retfm relink`` (README, Team setup): nothing retrained, every record unchanged."""
+    out = team_study.repro.stdout
+    assert "pretrain@hospital: recorded from its outputs (not retrained)" in out, out
+    assert "adapt@screening-public_dr: rerunning against " + server.uri in out, out
+    assert (team_study.path / "dvc.lock").read_bytes() == (study.path / "dvc.lock").read_bytes()
+    env = {"MLFLOW_TRACKING_URI": server.uri}
+    assert "all records agree" in sh(["retfm", "doctor"], team_study.path, env=env).stdout
+    assert "up to date" in sh(["dvc", "status"], team_study.path).stdout
+
+
 def test_study_over_http_is_complete_for_a_second_process(team_study, server, tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", CHECK],
