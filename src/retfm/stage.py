@@ -46,6 +46,7 @@ NOISY_LOGGERS = (
     "urllib3",
     "onnx_ir",
     "onnxscript",
+    "mlflow.onnx",  # "requested CUDAExecutionProvider ... dropped" on every CPU-only load
     "torch.onnx",
 )
 
