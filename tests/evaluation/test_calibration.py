@@ -104,3 +104,13 @@ def test_design_matched_calibration_resamples_the_studys_patients():
         "any factor flagged",
     }
     assert all(t["resampled_from_study"] for t in cal["design"]["tasks"])
+
+
+def test_each_decision_is_held_to_the_target_and_the_family_rate_is_reported(null_outcomes):
+    from retfm.evaluation.calibration import judged
+
+    rates = null_rates(null_outcomes)
+    held = judged(rates)
+    assert COMPARISON in held and ALIGNMENT in held and ANY_FACTOR not in held
+    assert "factor age flagged" in held and "factor sex changes the FM gap" in held
+    assert SEED_TTEST not in held  # shown to explain the change, decides nothing

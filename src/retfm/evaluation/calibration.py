@@ -249,7 +249,6 @@ def calibrate_null(
             desc="calibration (null studies)",
         )
     )
-    tested = [COMPARISON, ALIGNMENT, ANY_FACTOR]
     return {
         "n_studies": n_studies,
         "alpha": config.alpha,
@@ -259,8 +258,19 @@ def calibrate_null(
             short: rates[key].as_dict() for short, key in HEADLINE.items() if key in rates
         },
         "rates": {key: rate.as_dict() for key, rate in rates.items()},
-        "within_target": all(within_target(rates[k], config.alpha) for k in tested if k in rates),
+        "judged": judged(rates),
+        "within_target": all(within_target(rates[k], config.alpha) for k in judged(rates)),
     }
+
+
+def judged(rates: dict[str, Rate]) -> list[str]:
+    """The decisions held to the target: the FM comparison, the alignment verdict, and each
+    factor's two verdicts. The family-wise "any factor flagged" rate is reported beside them
+    against its nominal alpha, not held to alpha + 0.02 by its upper bound: a family held at
+    exactly alpha has an upper bound above alpha + 0.02 at 500 studies (25/500: 7.3%), so that
+    bound would fail a perfectly calibrated procedure."""
+    per_factor = [k for k in rates if k.startswith("factor ")]
+    return [k for k in (COMPARISON, ALIGNMENT, *per_factor) if k in rates]
 
 
 # --------------------------------------------------------------------------- power

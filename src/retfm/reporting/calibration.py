@@ -24,7 +24,9 @@ def format_calibration(report: dict[str, Any]) -> str:
         f"False-positive rates under the null: {null['n_studies']} simulated studies, "
         f"{len(design['fms'])} FMs, {design['seeds']} seeds, tasks {tasks}.",
         f"Target: upper end of the 95% interval at most {null['target_upper']:.2f} "
-        f"(alpha {null['alpha']} + 0.02).",
+        f"(alpha {null['alpha']} + 0.02) for each decision: "
+        + ", ".join(null.get("judged", []))
+        + ". The family-wise rate (any factor flagged) is held to alpha by the Holm adjustment.",
         "",
     ]
     rows = [[k, _rate(v)] for k, v in null["rates"].items()]

@@ -148,8 +148,11 @@ def _methods(summary: dict[str, Any]) -> list[str]:
             f"Measured at this study's design ({cal['n_studies']} simulated studies with no "
             "difference between FMs and no factor effect, test sets resampled from this "
             "study's own patients, its seeds and class counts, difficulty matched to its "
-            f"AUROCs): false-positive rates {rates}; {ok} the target (upper 95% bound at most "
-            f"{cal['target_upper']:.2f}). `retfm calibrate` measures power on a grid."
+            f"AUROCs): false-positive rates {rates}; every single decision (the FM comparison, "
+            f"the alignment verdict, each factor's verdicts) {ok} the target (upper 95% bound at "
+            f"most {cal['target_upper']:.2f}); 'any factor' is the family-wise rate over every "
+            f"factor and grouping, held to {cal['alpha']:.0%} by the Holm adjustment. "
+            "`retfm calibrate` measures power on a grid."
         )
     detect = [
         f"{t['task']} ({t['n_test_images']} test images): {c['detectable']:.3f}"
