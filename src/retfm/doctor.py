@@ -168,7 +168,7 @@ def check_registry(settings: Settings, root: Path) -> list[Finding]:
              if o.get("path") == f"outputs/cohorts/{site}"),
             None,
         )  # fmt: skip
-        expected = {
+        expected: dict[str, str | None] = {
             "data.md5": data_md5,
             "weights.content": weights_digest(weights) if weights.is_file() else "<missing>",
             "fm.site": site,
