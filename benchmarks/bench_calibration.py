@@ -13,7 +13,7 @@ FMs that differ per image while equally good on average; 3 adaptation seeds):
 * beside them, RETFound's t-test over seeds on the same null studies, to show what the
   deciding test replaced.
 
-Run: ``python benchmarks/bench_calibration.py`` (about 10 minutes on 2 cores; writes
+Run: ``python benchmarks/bench_calibration.py`` (about 6.5 minutes on 2 cores; writes
 benchmarks/results/bench_calibration.json). ``--quick`` for a smoke run.
 """
 
