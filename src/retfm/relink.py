@@ -18,6 +18,7 @@ command. ``retfm relink`` records the study in the current store:
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -96,10 +97,16 @@ def _log_history(path: Path) -> None:
         client.log_batch(run_id, metrics=rows[start : start + 1000])
 
 
+def _dvc() -> str:
+    """The dvc beside this Python (the project's venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.is_file() else (shutil.which("dvc") or "dvc")
+
+
 def stage_names(root: Path = Path(".")) -> list[str]:
     """Every stage of the project's pipeline (foreach/matrix expanded), in dvc.yaml order."""
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), "stage", "list", "--name-only"],
+        [_dvc(), "stage", "list", "--name-only"],
         cwd=root, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
@@ -117,7 +124,7 @@ def relink(
     for site in relink_pretraining(settings, root):
         echo(f"pretrain@{site}: recorded from its outputs (not retrained)")
     stages = tracked_stages(stage_names(root))
-    dvc = str(Path(sys.executable).parent / "dvc")
+    dvc = _dvc()
     for stage in stages:
         echo(f"{stage}: rerunning against {tracking.tracking_uri(settings)}")
         proc = subprocess.run(
