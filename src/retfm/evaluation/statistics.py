@@ -42,16 +42,26 @@ def _midrank(x: np.ndarray) -> np.ndarray:
     return stats.rankdata(x, method="average", axis=-1)
 
 
-def _delong_covariance(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """AUROCs (k,) and their covariance (k, k) for k score rows (k, n) on one binary target."""
+def _structural_components(
+    scores: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components for k score rows (k, n) on one binary target: for each
+    positive, the share of negatives it outranks (k, m); for each negative, the share of
+    positives that outrank it (k, n_neg); ties count half. Their means are the AUROCs."""
     pos, neg = scores[:, positive], scores[:, ~positive]
     m, n = pos.shape[1], neg.shape[1]
-    tx, ty, tz = _midrank(pos), _midrank(neg), _midrank(np.concatenate([pos, neg], axis=1))
-    aucs = tz[:, :m].sum(axis=1) / m / n - (m + 1.0) / (2.0 * n)
-    v01 = (tz[:, :m] - tx) / n  # structural components of the positives (k, m)
-    v10 = 1.0 - (tz[:, m:] - ty) / m  # and of the negatives (k, n)
-    cov = np.atleast_2d(np.cov(v01)) / m + np.atleast_2d(np.cov(v10)) / n
-    return aucs, cov
+    ranks = _midrank(np.concatenate([pos, neg], axis=1))
+    of_positives = (ranks[:, :m] - _midrank(pos)) / n
+    of_negatives = 1.0 - (ranks[:, m:] - _midrank(neg)) / m
+    return of_positives, of_negatives
+
+
+def _delong_covariance(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs (k,) and their covariance (k, k) for k score rows (k, n) on one binary target."""
+    of_pos, of_neg = _structural_components(scores, positive)
+    m, n = of_pos.shape[1], of_neg.shape[1]
+    cov = np.atleast_2d(np.cov(of_pos)) / m + np.atleast_2d(np.cov(of_neg)) / n
+    return of_pos.mean(axis=1), cov
 
 
 def delong_test(y_true: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> dict[str, float]:
@@ -211,11 +221,9 @@ def _binary_influence(scores: np.ndarray, positive: np.ndarray) -> tuple[float, 
     AUROC - theta ~= sum_i phi_i, with phi_i = (V10_i - AUC) / m for a positive (V10: share of
     negatives it outranks, ties half) and (V01_j - AUC) / n for a negative.
     """
-    pos, neg = scores[positive], scores[~positive]
-    m, n = len(pos), len(neg)
-    all_ranks = stats.rankdata(np.concatenate([pos, neg]))
-    v10 = (all_ranks[:m] - stats.rankdata(pos)) / n  # negatives below each positive
-    v01 = 1.0 - (all_ranks[m:] - stats.rankdata(neg)) / m  # positives above each negative
+    of_pos, of_neg = _structural_components(scores[None, :], positive)
+    v10, v01 = of_pos[0], of_neg[0]
+    m, n = len(v10), len(v01)
     auc = float(v10.mean())
     phi = np.empty(len(scores))
     phi[positive] = (v10 - auc) / m
