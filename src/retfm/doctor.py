@@ -136,7 +136,6 @@ def _registered(client: Any, record: dict[str, Any]) -> Any:
 def check_registry(settings: Settings, root: Path) -> list[Finding]:
     """Each FM's registry version carries the lineage of the outputs it was built from."""
     client = tracking.configure(settings)
-    lock = _lock(root)
     data_md5 = tracking.dvc_hash(root / "data.dvc")
     out = []
     for site in settings.study.sites:
@@ -163,12 +162,11 @@ def check_registry(settings: Settings, root: Path) -> list[Finding]:
             continue
         tags = mv.tags
         weights = root / settings.paths.outputs / "pretrain" / site / "encoder.safetensors"
-        cohort_md5 = next(
-            (o.get("md5") for o in (lock.get(f"cohort@{site}") or {}).get("outs", [])
-             if o.get("path") == f"outputs/cohorts/{site}"),
-            None,
-        )  # fmt: skip
-        expected: dict[str, str | None] = {
+        # as the register stage tags it
+        cohort_md5 = tracking.lock_hash(
+            f"cohort@{site}", f"outputs/cohorts/{site}", root / "dvc.lock"
+        )
+        expected = {
             "data.md5": data_md5,
             "weights.content": weights_digest(weights) if weights.is_file() else "<missing>",
             "fm.site": site,

@@ -42,7 +42,6 @@ def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
     Returns the sites recorded now (a site whose keyed run is already here is left alone).
     """
     done = []
-    client = tracking.configure(settings)
     for site in settings.study.sites:
         out = root / settings.paths.outputs / "pretrain" / site
         record_path = out / "run.json"
@@ -53,11 +52,11 @@ def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
             )
         record = json.loads(record_path.read_text())
         key = record["mlflow_key"]
-        exp = client.get_experiment_by_name("pretrain")
-        if exp is not None and tracking.find_run(
-            client, exp.experiment_id, {tracking.RUN_KEY: key}
-        ):
-            continue
+        try:
+            tracking.keyed_run_id(settings, "pretrain", key)
+            continue  # already recorded in this store
+        except tracking.RunNotInStoreError:
+            pass
         tags = {
             "fm.site": site,
             "recipe": str(record.get("recipe", "")),
