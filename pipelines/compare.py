@@ -17,7 +17,7 @@ import typer
 from retfm import tracking
 from retfm.evaluation import comparison as cmp
 from retfm.evaluation.alignment import alignment_matrix
-from retfm.evaluation.analysis import AnalysisConfig, analyse_study
+from retfm.evaluation.analysis import AnalysisConfig, analyse_study, read_adaptations
 from retfm.evaluation.calibration import calibrate_null
 from retfm.evaluation.runs import groupings
 from retfm.evaluation.simulation import design_from_predictions
@@ -42,12 +42,7 @@ def main() -> None:
     _check_recipes(settings)
     runs = pd.read_parquet(outputs / "evaluation" / "runs.parquet")
     groups = pd.read_parquet(outputs / "evaluation" / "groups.parquet")
-    preds, task_sites = {}, {}
-    for fm in settings.study.sites:
-        for task in settings.study.tasks:
-            folder = outputs / "adapt" / fm / task
-            preds[(fm, task)] = pd.read_parquet(folder / "predictions.parquet")
-            task_sites[task] = json.loads((folder / "runs.json").read_text())["task_site"]
+    preds, task_sites = read_adaptations(outputs, settings.study.sites, settings.study.tasks)
     fm_sites = {fm: fm for fm in settings.study.sites}  # an FM is named after its site
 
     config = AnalysisConfig.from_settings(settings)

@@ -303,18 +303,15 @@ def calibrate(
 
 
 def _study_design(settings):  # noqa: ANN001, ANN202
-    import pandas as pd
-
+    from retfm.evaluation.analysis import read_adaptations
     from retfm.evaluation.simulation import design_from_predictions
 
-    preds, task_sites = {}, {}
-    for fm in settings.study.sites:
-        for task in settings.study.tasks:
-            folder = settings.paths.outputs / "adapt" / fm / task
-            if not (folder / "predictions.parquet").is_file():
-                _fail(f"{folder}/predictions.parquet not found: run `dvc repro` first")
-            preds[(fm, task)] = pd.read_parquet(folder / "predictions.parquet")
-            task_sites[task] = json.loads((folder / "runs.json").read_text())["task_site"]
+    try:
+        preds, task_sites = read_adaptations(
+            settings.paths.outputs, settings.study.sites, settings.study.tasks
+        )
+    except FileNotFoundError as err:
+        _fail(str(err))
     return design_from_predictions(preds, {fm: fm for fm in settings.study.sites}, task_sites)
 
 

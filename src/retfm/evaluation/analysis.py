@@ -13,8 +13,10 @@ of the conclusions the report prints. It answers:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
@@ -65,6 +67,25 @@ class StudyAnalysis:
     headline: dict[str, Any]  # the alignment headline
     factors: pd.DataFrame  # one row per factor
     factor_groups: pd.DataFrame  # one row per factor x group: odds ratios
+
+
+def read_adaptations(
+    outputs: Path, fms: Sequence[str], tasks: Sequence[str]
+) -> tuple[dict[Key, pd.DataFrame], dict[str, str]]:
+    """The adapt stage's test predictions of every (FM, task), all seeds, and each task's data
+    site: what :func:`analyse_study` and a design-matched calibration read."""
+    preds: dict[Key, pd.DataFrame] = {}
+    task_sites: dict[str, str] = {}
+    for fm in fms:
+        for task in tasks:
+            folder = Path(outputs) / "adapt" / fm / task
+            if not (folder / "predictions.parquet").is_file():
+                raise FileNotFoundError(
+                    f"{folder}/predictions.parquet not found: run `dvc repro adapt@{fm}-{task}`"
+                )
+            preds[(fm, task)] = pd.read_parquet(folder / "predictions.parquet")
+            task_sites[task] = json.loads((folder / "runs.json").read_text())["task_site"]
+    return preds, task_sites
 
 
 def _grouped(preds: Mapping[Key, pd.DataFrame], config: AnalysisConfig) -> dict[Key, pd.DataFrame]:
