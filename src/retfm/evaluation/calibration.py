@@ -28,6 +28,7 @@ from tqdm import tqdm
 from retfm.evaluation.analysis import AnalysisConfig, StudyAnalysis, analyse_study
 from retfm.evaluation.simulation import StudyDesign, bonus_for_difference, simulate_study
 from retfm.evaluation.statistics import adjust_pvalues
+from retfm.evaluation.subgroups import prob_columns
 from retfm.evaluation.verdicts import BETTER, EFFECT, NO_EVIDENCE
 
 TARGET_SLACK = 0.02  # the null rate's 95% upper bound may exceed alpha by at most this
@@ -355,7 +356,7 @@ def age_gap_of(design: StudyDesign, effect: float, n_test: int = 20_000) -> floa
     for (fm, _task), frame in preds.items():
         if fm != next(iter(design.fms)):
             continue
-        probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+        probs = frame[prob_columns(frame)].to_numpy()
         y, old = frame["y_true"].to_numpy(), frame["age"].to_numpy() >= 60
         young_auc = auroc_influence(y[~old], probs[~old])[0]
         old_auc = auroc_influence(y[old], probs[old])[0]

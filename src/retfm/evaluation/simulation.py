@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from retfm.evaluation.statistics import auroc_influence
+from retfm.evaluation.subgroups import prob_columns
 
 #: Fundus pigmentation 0..1 by ethnicity (as in the synthetic image generator).
 PIGMENT = {
@@ -357,7 +358,7 @@ def design_from_predictions(
         first = frames[0]
         seeds = max(seeds, int(first["seed"].nunique()) if "seed" in first else 1)
         one = first[first["seed"] == first["seed"].min()] if "seed" in first else first
-        k = sum(1 for c in one.columns if c.startswith("prob_"))
+        columns = prob_columns(one)
         table = pd.DataFrame(
             {
                 "patient": one["patient_id"].astype(str).to_numpy(),
@@ -372,9 +373,9 @@ def design_from_predictions(
         aurocs = []
         for frame in frames:
             for _, per_seed in frame.groupby("seed") if "seed" in frame else [(0, frame)]:
-                probs = per_seed[[f"prob_{c}" for c in range(k)]].to_numpy()
+                probs = per_seed[columns].to_numpy()
                 aurocs.append(auroc_influence(per_seed["y_true"].to_numpy(int), probs)[0])
-        base = TaskDesign(task, site, n_test=len(table), n_classes=k, patients=table)
+        base = TaskDesign(task, site, n_test=len(table), n_classes=len(columns), patients=table)
         target = float(np.clip(np.nanmean(aurocs), 0.55, 0.99))
         design = StudyDesign(dict(fm_sites), (base,), 1, noise)
         tasks.append(replace(base, separation=_matched_separation(base, design, target)))
