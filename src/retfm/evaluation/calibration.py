@@ -29,7 +29,7 @@ from retfm.evaluation.analysis import AnalysisConfig, StudyAnalysis, analyse_stu
 from retfm.evaluation.simulation import StudyDesign, bonus_for_difference, simulate_study
 from retfm.evaluation.statistics import adjust_pvalues
 from retfm.evaluation.subgroups import prob_columns
-from retfm.evaluation.verdicts import BETTER, EFFECT, NO_EVIDENCE
+from retfm.evaluation.verdicts import BETTER, EFFECT, NO_EVIDENCE, is_undetermined
 
 TARGET_SLACK = 0.02  # the null rate's 95% upper bound may exceed alpha by at most this
 
@@ -164,7 +164,7 @@ def _count(outcomes: Iterable[dict[str, Any]], pick: Callable[[dict[str, Any]], 
 
 
 def _decided(verdicts: Iterable[str]) -> list[str]:
-    return [v for v in verdicts if not v.startswith("undetermined")]
+    return [v for v in verdicts if not is_undetermined(v)]
 
 
 def _flagged(section: str, factor: str) -> Callable[[dict[str, Any]], list[bool]]:
@@ -204,7 +204,7 @@ def null_rates(outcomes: Sequence[dict[str, Any]]) -> dict[str, Rate]:
         )
     undetermined = _count(
         outcomes,
-        lambda o: [v.startswith("undetermined") for v in o["comparison"].values()],
+        lambda o: [is_undetermined(v) for v in o["comparison"].values()],
     )
     rates["comparisons undetermined (not counted above)"] = undetermined
     return rates

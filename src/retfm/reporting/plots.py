@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from retfm.evaluation.verdicts import EFFECT  # noqa: E402
+
 
 def _save(fig: plt.Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,7 @@ def plot_factor_effects(groups: pd.DataFrame, factors: pd.DataFrame, out: Path) 
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(rows)))
     labels = []
     for i, r in rows.iterrows():
-        flagged = verdicts.get(r["factor"]) == "effect"
+        flagged = verdicts.get(r["factor"]) == EFFECT
         if r["reference"]:
             ax.plot([0], [i], marker="|", color="grey", ms=10)
         elif np.isfinite(r["lo"]):

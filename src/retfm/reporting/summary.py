@@ -17,6 +17,7 @@ from retfm.evaluation.analysis import AnalysisConfig, StudyAnalysis
 from retfm.evaluation.comparison import DECIDING_TEST
 from retfm.evaluation.factors import TEST_NAME as FACTOR_TEST
 from retfm.evaluation.subgroups import group_sort_key
+from retfm.evaluation.verdicts import EFFECT, NO_EVIDENCE, is_undetermined
 
 UNDETERMINED_MEANS = (
     "undetermined: the test could not be made (fewer than two seeds, zero variance, a single "
@@ -222,9 +223,7 @@ def factor_verdicts(factors: list[dict[str, Any]]) -> dict[str, str]:
     for f in factors:
         out.setdefault(f.get("metadata", f["factor"]), []).append(f["verdict"])
     return {
-        k: "effect"
-        if "effect" in v
-        else (v[0] if all(x.startswith("undetermined") for x in v) else "no evidence")
+        k: EFFECT if EFFECT in v else (v[0] if all(map(is_undetermined, v)) else NO_EVIDENCE)
         for k, v in out.items()
     }
 
@@ -254,9 +253,9 @@ def factor_table(factors: list[dict[str, Any]]) -> tuple[list[str], list[list[st
 
 def factor_lines(factors: list[dict[str, Any]]) -> list[str]:
     verdicts = factor_verdicts(factors)
-    flagged = [k for k, v in verdicts.items() if v == "effect"]
-    others = [k for k, v in verdicts.items() if v == "no evidence"]
-    unsure = [f"{k} ({v})" for k, v in verdicts.items() if v.startswith("undetermined")]
+    flagged = [k for k, v in verdicts.items() if v == EFFECT]
+    others = [k for k, v in verdicts.items() if v == NO_EVIDENCE]
+    unsure = [f"{k} ({v})" for k, v in verdicts.items() if is_undetermined(v)]
     head = ", ".join(flagged) if flagged else "none flagged"
     line = f"Which metadata factors change performance? {head}"
     line += f"; no evidence for {', '.join(others)}" if others else ""
