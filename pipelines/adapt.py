@@ -1,8 +1,9 @@
-"""Stage adapt@<fm>-<task>: adapt one site FM to one downstream task, for every seed.
+"""Stage adapt@<fm>-<task>: adapt one FM to one downstream task, for every seed.
 
 Each seed is an MLflow run (experiment ``adapt``) under the study's parent run, tagged so that
-``mlflow ui`` Compare lines runs up by FM, task, alignment and seed. The best seed's classifier
-(on the validation split) is exported to ONNX and registered as ``clf-<task>-fm-<site>``.
+``mlflow ui`` Compare lines runs up by FM, site, recipe, task, alignment and seed. The best
+seed's classifier (on the validation split) is exported to ONNX and registered as
+``clf-<task>-fm-<fm>``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from safetensors.torch import save_file
 
 from retfm import tracking
 from retfm.data.shards import PackedSet
+from retfm.fms import FM, get_fm
 from retfm.models.encoder import Preprocessing, canonical_safetensors, load_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
-from retfm.registry.lineage import weights_digest
+from retfm.registry.lineage import fm_lineage_tags, weights_digest
 from retfm.registry.models import recorded_version, register_onnx, write_registration
 from retfm.settings import Settings, load_settings
 from retfm.stage import stage
@@ -30,11 +32,12 @@ from retfm.training.features import extract_features
 
 
 @stage("adapt")
-def main(fm: str, task: str) -> None:
+def main(name: str, task: str) -> None:
     settings = load_settings()
+    fm = get_fm(settings, name)
     outputs, cfg = settings.paths.outputs, settings.adapt
-    registration = json.loads((outputs / "register" / fm / "registration.json").read_text())
-    weights = outputs / "pretrain" / fm / "encoder.safetensors"
+    registration = json.loads((outputs / "register" / fm.name / "registration.json").read_text())
+    weights = outputs / "pretrain" / fm.name / "encoder.safetensors"
     images = PackedSet(outputs / "packed" / "tasks" / task)
     meta = images.meta.reset_index(drop=True)
     task_sites = sorted(meta["source_site"].astype(str).unique())
@@ -47,26 +50,26 @@ def main(fm: str, task: str) -> None:
     encoder, _, prep, _ = load_encoder(weights)
     features = extract_features(encoder, prep, images) if cfg.method == "linear_probe" else None
     parent = tracking.study_parent_run(settings)
-    out = outputs / "adapt" / fm / task
+    out = outputs / "adapt" / fm.name / task
     out.mkdir(parents=True, exist_ok=True)
+    aligned = fm.aligned_with(task_site)
     tags = {
-        "fm.site": fm,
-        "fm.model": registration["name"],
+        **fm.tags(),
         "fm.version": fm_version,
         "task": task,
         "task.site": task_site,
-        "aligned": str(fm == task_site).lower(),
+        "aligned": str(aligned).lower(),
         "adaptation": cfg.method,
         "stage": "adapt",
     }
     frames, runs, run_ids, best = [], {}, {}, None
     inputs = (weights_digest(weights)[:16], images.fingerprint[:16], settings.digest("adapt"))
     for seed in cfg.seeds:
-        runs[str(seed)] = tracking.run_key("adapt", fm, task, f"seed{seed}", *inputs)
+        runs[str(seed)] = tracking.run_key("adapt", fm.name, task, f"seed{seed}", *inputs)
         with tracking.run(
             settings,
             "adapt",
-            name=f"{task} | fm-{fm} | seed {seed}",  # the task first: the UI cuts long names
+            name=f"{task} | {fm.label} | seed {seed}",  # the task first: the UI cuts long names
             tags={**tags, "seed": str(seed)},
             parent_run_id=parent,
             key=runs[str(seed)],
@@ -77,11 +80,13 @@ def main(fm: str, task: str) -> None:
             # coordinates plot read params, not tags
             mlflow.log_params(
                 {
-                    "fm": fm,
+                    "fm": fm.name,
+                    "fm_site": fm.site,
+                    "fm_recipe": fm.recipe,
                     "fm_version": fm_version,
                     "task": task,
                     "task_site": task_site,
-                    "aligned": str(fm == task_site).lower(),
+                    "aligned": str(aligned).lower(),
                 }
             )
             mlflow.log_params({"seed": seed, "classes": ",".join(result.classes)})
@@ -104,10 +109,12 @@ def main(fm: str, task: str) -> None:
     tracking.write_json(
         out / "runs.json",
         {
-            "fm": fm,
+            "fm": fm.name,
+            "fm_site": fm.site,
+            "fm_recipe": fm.recipe,
             "task": task,
             "task_site": task_site,
-            "aligned": fm == task_site,
+            "aligned": aligned,
             "adaptation": cfg.method,
             "classes": best[1].classes,
             "runs": runs,
@@ -116,14 +123,14 @@ def main(fm: str, task: str) -> None:
         },
     )
     print(
-        f"adapt {fm} -> {task}: {len(cfg.seeds)} seeds, best val AUROC "
+        f"adapt {fm.label} -> {task}: {len(cfg.seeds)} seeds, best val AUROC "
         f"{best[1].best_val_auroc:.3f} (seed {best[0]})"
     )
 
 
 def _register_classifier(
     settings: Settings,
-    fm: str,
+    fm: FM,
     task: str,
     seed: int,
     result: AdaptResult,
@@ -134,7 +141,7 @@ def _register_classifier(
 ) -> dict:
     """Export the best seed's classifier to ONNX and register it with its lineage."""
     clf = result.classifier.eval()
-    size = settings.model.arch.img_size
+    size = prep.img_size
     onnx_path = export_onnx(clf, prep, out / "classifier.onnx", output_name="probabilities")
     parity = onnx_parity(clf, onnx_path)
     clf_weights = out / "classifier.safetensors"
@@ -143,17 +150,15 @@ def _register_classifier(
     example = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     with torch.inference_mode():
         probs = clf(torch.from_numpy(example)).numpy()
-    fm_run = json.loads((settings.paths.outputs / "pretrain" / fm / "run.json").read_text())
+    fm_run = json.loads((settings.paths.outputs / "pretrain" / fm.name / "run.json").read_text())
     lineage = {
         **tracking.base_tags(settings),
+        **fm_lineage_tags(fm, fm_run),
         **tags,
         "seed": str(seed),
-        "recipe": fm_run["recipe"],
-        "recipe.hash": fm_run["recipe_hash"],
-        "cohort.md5": tracking.lock_hash(f"cohort@{fm}", f"outputs/cohorts/{fm}"),
         "classes": ",".join(result.classes),
     }
-    name = f"clf-{task}-fm-{fm}"
+    name = fm.classifier_name(task)
     reg = register_onnx(
         tracking.configure(settings),
         name=name,
@@ -167,12 +172,13 @@ def _register_classifier(
             "preprocessing": json.loads(prep.to_json()),
             "classes": result.classes,
             "output": "probabilities",
-            "fm": f"fm-{fm}",
+            "fm": fm.model_name,
             "task": task,
         },
         tags=lineage,
         attachments={},
-        description=f"{task} classifier ({settings.adapt.method}) on fm-{fm}, seed {seed}.",
+        description=f"{task} classifier ({settings.adapt.method}) on {fm.model_name} "
+        f"({fm.label}), seed {seed}.",
     )
     write_registration(out / "classifier_registration.json", reg)
     return json.loads((out / "classifier_registration.json").read_text())

@@ -21,6 +21,7 @@ from retfm.evaluation.analysis import AnalysisConfig, analyse_study, read_adapta
 from retfm.evaluation.calibration import calibrate_null
 from retfm.evaluation.runs import groupings
 from retfm.evaluation.simulation import design_from_predictions
+from retfm.fms import fm_recipes, fm_sites, study_fms
 from retfm.registry.models import recorded_version
 from retfm.reporting.plots import (
     plot_differences,
@@ -39,23 +40,25 @@ def main() -> None:
     settings = load_settings()
     outputs = settings.paths.outputs
     out = outputs / "study"
+    fms = study_fms(settings)
     _check_recipes(settings)
     runs = pd.read_parquet(outputs / "evaluation" / "runs.parquet")
     groups = pd.read_parquet(outputs / "evaluation" / "groups.parquet")
-    preds, task_sites = read_adaptations(outputs, settings.study.sites, settings.study.tasks)
-    fm_sites = {fm: fm for fm in settings.study.sites}  # an FM is named after its site
+    names = [fm.name for fm in fms]
+    preds, task_sites = read_adaptations(outputs, names, settings.study.tasks)
+    sites, recipes = fm_sites(fms), fm_recipes(fms)
 
     config = AnalysisConfig.from_settings(settings)
-    analysis = analyse_study(preds, fm_sites, task_sites, config)
+    analysis = analyse_study(preds, sites, task_sites, config, fm_recipes=recipes)
     calibration = None
     if settings.compare.calibration_studies:
-        design = design_from_predictions(preds, fm_sites, task_sites)
+        design = design_from_predictions(preds, sites, task_sites, fm_recipes=recipes)
         calibration = calibrate_null(
             design, config, settings.compare.calibration_studies, seed=settings.study.seed
         )
 
     factors = groupings(settings.evaluation)
-    matrix = alignment_matrix(runs, fm_sites)
+    matrix = alignment_matrix(runs, sites)
     figures = {
         "alignment": [
             plot_heatmap(
@@ -86,7 +89,7 @@ def main() -> None:
     summary = build_summary(
         study=settings.study.name,
         profile=settings.profile,
-        fms=list(settings.study.sites),
+        fms=fms,
         runs=runs,
         analysis=analysis,
         config=config,
@@ -111,18 +114,19 @@ def main() -> None:
 
 
 def _check_recipes(settings: Settings) -> None:
-    hashes = {
-        fm: json.loads((settings.paths.outputs / "pretrain" / fm / "run.json").read_text())[
-            "recipe_hash"
-        ]
-        for fm in settings.study.sites
-    }
-    if len(set(hashes.values())) > 1 and settings.compare.require_identical_recipe:
-        raise ValueError(
-            f"FMs were pre-trained with different recipes {hashes}; comparing them "
-            "confounds data with recipe (set compare.require_identical_recipe: "
-            "false to compare anyway)"
-        )
+    """FMs of one recipe must have been made by an identical process (their sites are what
+    the comparison is about); FMs of different recipes are never compared with each other."""
+    by_recipe: dict[str, dict[str, str]] = {}
+    for fm in study_fms(settings):
+        run = json.loads((settings.paths.outputs / "pretrain" / fm.name / "run.json").read_text())
+        by_recipe.setdefault(fm.recipe, {})[fm.name] = run["recipe_hash"]
+    for recipe, hashes in by_recipe.items():
+        if len(set(hashes.values())) > 1 and settings.compare.require_identical_recipe:
+            raise ValueError(
+                f"the {recipe} FMs were made with different recipes {hashes} (e.g. one "
+                "imported, one pre-trained here, or other settings); comparing them confounds "
+                "data with recipe (set compare.require_identical_recipe: false to compare anyway)"
+            )
 
 
 def _fairness_table(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
@@ -191,7 +195,7 @@ def _track(  # noqa: ANN001
         for t in summary["tasks"]:
             for fm, value in t["auroc"].items():
                 if value is not None:
-                    mlflow.log_metric(f"auroc/{t['task']}/fm-{fm}", value)
+                    mlflow.log_metric(f"auroc/{t['task']}/{fm}", value)
             for c in t["comparisons"]:
                 if c["diff"] is not None:
                     mlflow.log_metric(f"diff/{t['task']}/{c['fm_a']}-{c['fm_b']}", c["diff"])

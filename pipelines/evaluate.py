@@ -14,6 +14,7 @@ from mlflow.entities import Metric
 
 from retfm import tracking
 from retfm.evaluation.runs import evaluate_predictions
+from retfm.fms import study_fms
 from retfm.settings import load_settings
 from retfm.stage import stage
 
@@ -24,9 +25,9 @@ def main() -> None:
     outputs = settings.paths.outputs
     client = tracking.configure(settings)
     run_rows, group_frames = [], []
-    for fm in settings.study.sites:
+    for fm in study_fms(settings):
         for task in settings.study.tasks:
-            folder = outputs / "adapt" / fm / task
+            folder = outputs / "adapt" / fm.name / task
             info = json.loads((folder / "runs.json").read_text())
             preds = pd.read_parquet(folder / "predictions.parquet")
             for seed, frame in preds.groupby("seed", sort=True):
@@ -44,7 +45,9 @@ def main() -> None:
                     metrics["auroc_hi"] = float(overall_ci["hi"].iloc[0])
                 _log(client, run_id, metrics, result.groups, result.keys.undefined)
                 context = {
-                    "fm": fm,
+                    "fm": fm.name,
+                    "fm_site": fm.site,
+                    "fm_recipe": fm.recipe,
                     "task": task,
                     "task_site": info["task_site"],
                     "aligned": info["aligned"],

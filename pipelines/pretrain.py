@@ -1,13 +1,17 @@
-"""Stage pretrain@<site>: one MAE foundation model per site, identical recipe for every site.
+"""Stage pretrain@<fm>: one foundation model, made by its recipe from its site's cohort
+(identical recipe for every site), or imported from a released checkpoint.
 
 Resumable: checkpoints live outside the stage's outs (``outputs/checkpoints``), keyed by the
 packed cohort's fingerprint, so a killed run continues where it stopped, into the same MLflow
-run. Under ``torchrun`` every rank trains; only rank 0 tracks and writes outputs.
+run. Under ``torchrun`` every rank trains; only rank 0 tracks and writes outputs. Besides the
+encoder the stage writes ``run.json`` (what made it) and ``data_card.json`` (the cohort's data
+card, or a card naming the released checkpoint), so that the FM's folder is its whole record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +21,8 @@ import typer
 
 from retfm import tracking
 from retfm.data.shards import PackedSet
-from retfm.models.checkpoints import import_mae
+from retfm.fms import FM, get_fm
+from retfm.models.checkpoints import import_encoder
 from retfm.models.encoder import Preprocessing, save_encoder
 from retfm.registry.lineage import sha256_file
 from retfm.reporting.plots import plot_loss
@@ -27,42 +32,46 @@ from retfm.training.pretrain import read_checkpoint_extra, train_mae
 
 
 @stage("pretrain")
-def main(site: str) -> None:
+def main(name: str) -> None:
     settings = load_settings()
+    fm = get_fm(settings, name)
+    out = settings.paths.outputs / "pretrain" / fm.name
+    if fm.imported:
+        _import_released(settings, fm, out)
+        return
+    _pretrain(settings, fm, out)
+
+
+def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
     outputs = settings.paths.outputs
-    images = PackedSet(outputs / "packed" / "cohorts" / site)
+    images = PackedSet(fm.source)
     arch, cfg = settings.model.arch, settings.pretrain
     prep = (
         Preprocessing(arch.img_size, tuple(images.mean), tuple(images.std))
         if cfg.normalisation == "cohort"
         else Preprocessing(arch.img_size)
     )
-    ckpt_dir = outputs / "checkpoints" / "pretrain" / site / images.fingerprint[:16]
-    out = outputs / "pretrain" / site
+    ckpt_dir = outputs / "checkpoints" / "pretrain" / fm.name / images.fingerprint[:16]
     rank = int(os.environ.get("RANK", "0"))
     recipe_hash = settings.digest("model", "pretrain")
     tags = {
-        "fm.site": site,
+        **fm.tags(),
         "recipe": cfg.recipe,
         "recipe.hash": recipe_hash,
         "cohort.fingerprint": images.fingerprint,
         "stage": "pretrain",
     }
-
-    if site in cfg.imported:
-        _import_released(settings, site, Path(cfg.imported[site]), out, tags)
-        return
     if rank != 0:  # other DDP ranks train without tracking
         train_mae(cfg, arch, images, ckpt_dir, seed=settings.study.seed, prep=prep, progress=False)
         return
 
     previous = read_checkpoint_extra(ckpt_dir) or {}
-    key = tracking.run_key("pretrain", site, images.fingerprint[:16], recipe_hash,
+    key = tracking.run_key("pretrain", fm.name, images.fingerprint[:16], recipe_hash,
                            f"seed{settings.study.seed}")  # fmt: skip
     with tracking.run(
         settings,
         "pretrain",
-        name=f"pretrain-{site}",
+        name=f"pretrain {fm.label}",
         tags=tags,
         run_id=previous.get("mlflow_run_id"),
         key=key,
@@ -71,7 +80,8 @@ def main(site: str) -> None:
         if not previous:
             mlflow.log_params({f"arch.{k}": v for k, v in arch.model_dump().items()})
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items()})
-            mlflow.log_params({"cohort.images": len(images), "seed": settings.study.seed})
+            mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe,
+                               "cohort.images": len(images), "seed": settings.study.seed})  # fmt: skip
         sender = tracking.BufferedMetricLogger(tracking.configure(settings), run_id)
         try:
             result = train_mae(
@@ -89,7 +99,8 @@ def main(site: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.encoder_path, out / "encoder.safetensors")
         shutil.copyfile(ckpt_dir / "history.csv", out / "history.csv")
-        plot_loss(out / "history.csv", out / "loss.png", title=f"MAE pre-training, site {site}")
+        shutil.copyfile(images.folder / "card.json", out / "data_card.json")
+        plot_loss(out / "history.csv", out / "loss.png", title=f"MAE pre-training, {fm.label}")
         mlflow.log_metric("final_loss", result.final_loss)
         mlflow.log_artifact(str(out / "loss.png"))
         mlflow.log_artifact(str(out / "history.csv"))
@@ -97,7 +108,9 @@ def main(site: str) -> None:
             out / "run.json",
             {
                 "mlflow_key": key,
-                "site": site,
+                "fm": fm.name,
+                "site": fm.site,
+                "recipe_family": fm.recipe,
                 "steps": result.steps,
                 "final_loss": result.final_loss,
                 "recipe": cfg.recipe,
@@ -107,46 +120,55 @@ def main(site: str) -> None:
             },
         )
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun with new data starts fresh
-    print(f"pretrain {site}: {result.steps} steps, final loss {result.final_loss:.4f}")
+    print(f"pretrain {fm.label}: {result.steps} steps, final loss {result.final_loss:.4f}")
 
 
-def _import_released(
-    settings: Settings, site: str, path: Path, out: Path, tags: dict[str, str]
-) -> None:
-    """Use a released RETFound MAE checkpoint as this site's FM instead of pre-training.
+def _import_released(settings: Settings, fm: FM, out: Path) -> None:
+    """Use a released checkpoint as this FM instead of pre-training it.
 
-    Both sites' imports share one recipe hash (the released recipe), so the comparison stage
-    treats them as made by an identical process, as their authors did.
+    Imports of one recipe share one recipe hash (the released recipe and architecture), so the
+    comparison stage treats them as made by an identical process, as their authors did.
     """
-    encoder, arch, prep = import_mae(path)
-    if arch.img_size != settings.pack.image_size:
-        raise ValueError(
-            f"{path}: encoder input is {arch.img_size}px but pack.image_size is "
-            f"{settings.pack.image_size}; use a profile with that size (paper)"
-        )
-    weights_sha = sha256_file(path)
-    recipe, recipe_hash = (
-        "released-retfound-mae",
-        hashlib.sha256(arch.model_dump_json().encode()).hexdigest()[:16],
+    path = fm.source
+    imported = import_encoder(
+        path, fm.recipe, img_size=settings.pack.image_size, num_heads=fm.num_heads
     )
+    spec = imported.spec
+    weights_sha = sha256_file(path)
+    recipe = f"released-retfound-{fm.recipe}"
+    arch = spec.model_dump_json(exclude={"img_size"})
+    recipe_hash = hashlib.sha256(f"{recipe}|{arch}".encode()).hexdigest()[:16]
     out.mkdir(parents=True, exist_ok=True)
     save_encoder(
         out / "encoder.safetensors",
-        encoder,
-        arch,
-        prep,
+        imported.encoder,
+        spec,
+        imported.prep,
         {"imported_from": path.name, "source.sha256": weights_sha},
     )
     (out / "history.csv").write_text("step,epoch,loss,lr\n")
-    plot_loss(out / "history.csv", out / "loss.png", title=f"{site}: imported, not trained")
-    key = tracking.run_key("pretrain", site, "imported", weights_sha[:16])
+    plot_loss(out / "history.csv", out / "loss.png", title=f"{fm.label}: imported, not trained")
+    card = {
+        "imported": True,
+        "fm": fm.name,
+        "site": fm.site,
+        "recipe": fm.recipe,
+        "checkpoint": {"file": path.name, "sha256": weights_sha, "layout": imported.layout},
+        "architecture": imported.describe(),
+        "dropped_keys": imported.dropped,
+        "note": "pre-trained elsewhere: its pre-training data are described by its release",
+    }
+    tracking.write_json(out / "data_card.json", card)
+    key = tracking.run_key("pretrain", fm.name, "imported", weights_sha[:16],
+                           str(settings.pack.image_size))  # fmt: skip
     with tracking.run(
         settings,
         "pretrain",
-        name=f"import-{site}",
+        name=f"import {fm.label}",
         key=key,
         tags={
-            **tags,
+            **fm.tags(),
+            "stage": "pretrain",
             "recipe": recipe,
             "recipe.hash": recipe_hash,
             "cohort.fingerprint": "imported",
@@ -154,23 +176,27 @@ def _import_released(
             "source.sha256": weights_sha,
         },
     ):
+        mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe,
+                           "checkpoint": path.name, "layout": imported.layout,
+                           **{f"arch.{k}": v for k, v in spec.model_dump().items()}})  # fmt: skip
+        mlflow.log_text(json.dumps(card, indent=2), "data_card.json")
         tracking.write_json(
             out / "run.json",
             {
                 "mlflow_key": key,
-                "site": site,
+                "fm": fm.name,
+                "site": fm.site,
+                "recipe_family": fm.recipe,
                 "steps": 0,
                 "final_loss": None,
                 "recipe": recipe,
                 "recipe_hash": recipe_hash,
-                "preprocessing": prep.to_json(),
+                "preprocessing": imported.prep.to_json(),
                 "cohort_fingerprint": "imported",
                 "imported_from": str(path),
             },
         )
-    print(
-        f"pretrain {site}: imported {path.name} (ViT {arch.embed_dim}d x {arch.depth}), not trained"
-    )
+    print(f"pretrain {fm.label}: imported {path.name}, not trained: {imported.describe()}")
 
 
 if __name__ == "__main__":

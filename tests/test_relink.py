@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from retfm import tracking
 from retfm.relink import relink_pretraining, tracked_stages
-from retfm.settings import load_settings
+from retfm.settings import FMSpec, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,9 @@ def test_pretraining_is_recorded_once_with_its_key_and_history(
     uri = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     base = load_settings(ROOT / "params.yaml")
-    settings = base.model_copy(update={"study": base.study.model_copy(update={"sites": ["a"]})})
+    fms = {"a": FMSpec(site="a", recipe="mae", source="outputs/packed/cohorts/a")}
+    study = base.study.model_copy(update={"sites": ["a"], "fms": fms})
+    settings = base.model_copy(update={"study": study})
     out = tmp_path / "outputs/pretrain/a"
     out.mkdir(parents=True)
     (out / "run.json").write_text(json.dumps({"mlflow_key": "k-a", "steps": 3, "final_loss": 0.5}))

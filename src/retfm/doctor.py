@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retfm import tracking
+from retfm.fms import FM, study_fms
 from retfm.registry.lineage import check_cohort_card, weights_digest
 from retfm.settings import Settings
 
@@ -107,8 +108,6 @@ def check_cohorts(settings: Settings, root: Path) -> list[Finding]:
     out = []
     for site in settings.study.sites:
         card_path = root / settings.paths.outputs / "cohorts" / site / "card" / "card.json"
-        if site in settings.pretrain.imported:
-            continue
         if not card_path.is_file():
             out.append(Finding("data card", site, False, f"{card_path} missing -> dvc repro"))
             continue
@@ -138,20 +137,20 @@ def check_registry(settings: Settings, root: Path) -> list[Finding]:
     client = tracking.configure(settings)
     data_md5 = tracking.dvc_hash(root / "data.dvc")
     out = []
-    for site in settings.study.sites:
-        reg_path = root / settings.paths.outputs / "register" / site / "registration.json"
+    for fm in study_fms(settings):
+        reg_path = root / settings.paths.outputs / "register" / fm.name / "registration.json"
         if not reg_path.is_file():
-            out.append(Finding("registry", f"fm-{site}", False, "not registered -> dvc repro"))
+            out.append(Finding("registry", fm.model_name, False, "not registered -> dvc repro"))
             continue
         record = json.loads(reg_path.read_text())
         if "weights_content" not in record:
             out.append(
                 Finding(
                     "registry",
-                    f"fm-{site}",
+                    fm.model_name,
                     False,
                     "registration.json predates "
-                    f"content-keyed records -> dvc repro -f register@{site}",
+                    f"content-keyed records -> dvc repro -f register@{fm.name}",
                 )
             )
             continue
@@ -161,33 +160,32 @@ def check_registry(settings: Settings, root: Path) -> list[Finding]:
             out.append(Finding("registry", record["name"], False, str(err)))
             continue
         tags = mv.tags
-        weights = root / settings.paths.outputs / "pretrain" / site / "encoder.safetensors"
-        # as the register stage tags it
-        cohort_md5 = tracking.lock_hash(
-            f"cohort@{site}", f"outputs/cohorts/{site}", root / "dvc.lock"
-        )
+        weights = root / settings.paths.outputs / "pretrain" / fm.name / "encoder.safetensors"
         expected = {
             "data.md5": data_md5,
             "weights.content": weights_digest(weights) if weights.is_file() else "<missing>",
-            "fm.site": site,
+            **fm.tags(),
         }
-        if site not in settings.pretrain.imported:
-            expected["cohort.md5"] = cohort_md5
+        if not fm.imported:  # as the register stage tags it
+            expected["cohort.md5"] = tracking.lock_hash(
+                f"cohort@{fm.site}", f"outputs/cohorts/{fm.site}", root / "dvc.lock"
+            )
         wrong = [f"{k}: registry {tags.get(k)!r}, outputs {v!r}" for k, v in expected.items()
                  if tags.get(k) != v]  # fmt: skip
-        wrong += _card_mismatch(root, settings, site, mv)
+        wrong += _card_mismatch(root, settings, fm, mv)
         subject = f"{record['name']} v{mv.version}"
         out.append(Finding("registry", subject, not wrong, "; ".join(wrong)))
     return out
 
 
-def _card_mismatch(root: Path, settings: Settings, site: str, mv: Any) -> list[str]:
-    """The data card attached to the version is the cohort's data card on disk."""
+def _card_mismatch(root: Path, settings: Settings, fm: FM, mv: Any) -> list[str]:
+    """The data card attached to the version is the FM's data card on disk (its cohort's, or
+    the card of the checkpoint it was imported from)."""
     import mlflow
 
-    local = root / settings.paths.outputs / "cohorts" / site / "card" / "card.json"
-    if not local.is_file() or site in settings.pretrain.imported:
-        return []
+    local = root / settings.paths.outputs / "pretrain" / fm.name / "data_card.json"
+    if not local.is_file():
+        return ["no data card in the FM's outputs -> dvc repro"]
     try:
         from mlflow.tracking import MlflowClient
 
@@ -201,7 +199,7 @@ def _card_mismatch(root: Path, settings: Settings, site: str, mv: Any) -> list[s
     except Exception as err:  # noqa: BLE001 - an unreachable artifact is the finding
         return [f"attached data card unreadable ({type(err).__name__}: {err})"]
     theirs, ours = json.loads(attached.read_text()), json.loads(local.read_text())
-    keys = ("size", "data", "sampling")
+    keys = ("size", "data", "sampling", "checkpoint")
     return [f"attached data card differs in {k!r}" for k in keys if theirs.get(k) != ours.get(k)]
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 from mlflow.entities import Metric
 
 from retfm import tracking
+from retfm.fms import study_fms
 from retfm.settings import Settings
 
 #: Stages that log to the tracking store, in pipeline order; pre-training is relinked from its
@@ -37,18 +38,17 @@ TRACKED_STAGES = ("validate", "cohort", "register", "adapt", "evaluate", "compar
 
 
 def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
-    """Record each site's pre-training run in the current store from its stage outputs.
-
-    Returns the sites recorded now (a site whose keyed run is already here is left alone).
+    """Record each FM's pre-training (or import) run in the current store from its stage
+    outputs. Returns the FMs recorded now (one whose keyed run is already here is left alone).
     """
     done = []
-    for site in settings.study.sites:
-        out = root / settings.paths.outputs / "pretrain" / site
+    for fm in study_fms(settings):
+        out = root / settings.paths.outputs / "pretrain" / fm.name
         record_path = out / "run.json"
         if not record_path.is_file():
             raise FileNotFoundError(
-                f"{record_path}: no pre-training record; run `dvc repro pretrain@{site}` (or "
-                "`dvc pull`) first"
+                f"{record_path}: no pre-training record; run `dvc repro pretrain@{fm.name}` "
+                "(or `dvc pull`) first"
             )
         record = json.loads(record_path.read_text())
         key = record["mlflow_key"]
@@ -58,14 +58,15 @@ def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
         except tracking.RunNotInStoreError:
             pass
         tags = {
-            "fm.site": site,
+            **fm.tags(),
             "recipe": str(record.get("recipe", "")),
             "recipe.hash": str(record.get("recipe_hash", "")),
             "cohort.fingerprint": str(record.get("cohort_fingerprint", "")),
             "stage": "pretrain",
             "retfm.relinked": "true",
         }
-        with tracking.run(settings, "pretrain", name=f"pretrain-{site}", tags=tags, key=key):
+        verb = "import" if fm.imported else "pretrain"
+        with tracking.run(settings, "pretrain", name=f"{verb} {fm.label}", tags=tags, key=key):
             mlflow.log_params({"steps": record.get("steps"), "seed": settings.study.seed})
             history = out / "history.csv"
             if history.is_file():
@@ -75,7 +76,7 @@ def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
             for name in ("loss.png", "history.csv"):
                 if (out / name).is_file():
                     mlflow.log_artifact(str(out / name))
-        done.append(site)
+        done.append(fm.name)
     return done
 
 
@@ -120,8 +121,8 @@ def relink(
     settings: Settings, root: Path = Path("."), echo: Callable[[str], None] = print
 ) -> list[str]:
     """Record the study in the current tracking store; returns the stages rerun."""
-    for site in relink_pretraining(settings, root):
-        echo(f"pretrain@{site}: recorded from its outputs (not retrained)")
+    for name in relink_pretraining(settings, root):
+        echo(f"pretrain@{name}: recorded from its outputs (not retrained)")
     stages = tracked_stages(stage_names(root))
     dvc = _dvc()
     for stage in stages:

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from retfm.models.encoder import Preprocessing, encode, load_encoder, save_encoder
+from retfm.models.encoder import (
+    EncoderSpec,
+    Preprocessing,
+    encode,
+    load_encoder,
+    save_encoder,
+)
 from retfm.models.mae import MaskedAutoencoder, sincos_pos_embed
 from retfm.settings import ModelPreset
 
@@ -63,17 +69,20 @@ def test_forward_encoder_and_decoder_shapes(mae: MaskedAutoencoder) -> None:
     assert pred2.shape == (2, L, 192) and mask2.shape == (2, L)
 
 
-def test_encoder_tokens_go_through_fc_norm(mae: MaskedAutoencoder) -> None:
-    """The norm pre-training learns must be the encoder's fc_norm (its pooled-feature norm)."""
+def test_tokens_go_through_mae_norm_and_fc_norm_stays_fresh(mae: MaskedAutoencoder) -> None:
+    """Pre-training learns MAE's own final norm; the encoder's pooled-feature norm (fc_norm) is
+    not used, so the kept encoder starts it fresh, as RETFound's fine-tuning model does."""
     assert isinstance(mae.encoder.norm, torch.nn.Identity)
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(1)
     before, _, _ = mae.forward_encoder(x)
     with torch.no_grad():
-        mae.encoder.fc_norm.bias.add_(3.0)
+        mae.norm.bias.add_(3.0)
+        mae.encoder.fc_norm.bias.add_(5.0)  # must not matter to pre-training
     torch.manual_seed(1)
     after, _, _ = mae.forward_encoder(x)
     assert torch.allclose(after - before, torch.full_like(before, 3.0), atol=1e-5)
+    assert not mae.encoder.fc_norm.weight.requires_grad
 
 
 def test_position_tables_are_fixed_sincos(mae: MaskedAutoencoder) -> None:
@@ -118,7 +127,8 @@ def test_backward_reaches_encoder_and_decoder(mae: MaskedAutoencoder) -> None:
     loss, _, _ = mae(torch.randn(2, 3, 32, 32))
     loss.backward()
     assert mae.encoder.blocks[0].attn.qkv.weight.grad is not None
-    assert mae.encoder.fc_norm.weight.grad is not None
+    assert mae.norm.weight.grad is not None
+    assert mae.encoder.fc_norm.weight.grad is None
     assert mae.decoder_pred.weight.grad is not None
     assert mae.encoder.pos_embed.grad is None
 
@@ -126,8 +136,8 @@ def test_backward_reaches_encoder_and_decoder(mae: MaskedAutoencoder) -> None:
 def test_encoder_saves_as_feature_extractor(mae: MaskedAutoencoder, tmp_path: Path) -> None:
     prep = Preprocessing(img_size=32)
     path = save_encoder(tmp_path / "enc.safetensors", mae.encoder, ARCH, prep)
-    encoder, arch, prep2, _ = load_encoder(path)
-    assert arch == ARCH and prep2 == prep
+    encoder, spec, prep2, _ = load_encoder(path)
+    assert spec == EncoderSpec.from_preset(ARCH) and prep2 == prep
     x = torch.randn(3, 3, 32, 32)
     mae.encoder.eval()
     with torch.no_grad():

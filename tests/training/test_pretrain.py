@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from retfm.data.images import ArrayImages
-from retfm.models.encoder import Preprocessing, load_encoder
+from retfm.models.encoder import EncoderSpec, Preprocessing, load_encoder
 from retfm.models.mae import MaskedAutoencoder
 from retfm.settings import ModelPreset, PretrainSettings
 from retfm.training import (
@@ -80,9 +80,10 @@ def test_no_weight_decay_on_biases_norms_and_tokens() -> None:
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     exempt = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert "encoder.blocks.0.attn.qkv.weight" in decayed
-    assert {"encoder.cls_token", "mask_token", "encoder.fc_norm.weight",
+    assert {"encoder.cls_token", "mask_token", "norm.weight",
             "encoder.blocks.0.attn.qkv.bias"} <= exempt  # fmt: skip
     assert "encoder.pos_embed" not in decayed | exempt  # frozen, not optimised at all
+    assert "encoder.fc_norm.weight" not in decayed | exempt  # fresh for adaptation
 
 
 # ---------------------------------------------------------------------- augmentation
@@ -115,7 +116,7 @@ def test_loss_decreases_and_outputs_are_written(tmp_path: Path) -> None:
     first = np.mean([loss for _, loss, _ in result.history[:per_epoch]])
     assert result.final_loss < 0.8 * first
     encoder, arch, prep, meta = load_encoder(result.encoder_path)
-    assert arch == ARCH and prep == PREP and meta["recipe"] == cfg.recipe
+    assert arch == EncoderSpec.from_preset(ARCH) and prep == PREP and meta["recipe"] == cfg.recipe
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, result.steps + 1))
     assert set(rows[0]) == {"step", "epoch", "loss", "lr"}

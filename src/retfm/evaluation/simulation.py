@@ -102,6 +102,7 @@ class StudyDesign:
     seeds: int = 3
     noise: Noise = Noise()
     effects: Effects = Effects()
+    recipes: Mapping[str, str] | None = None  # FM -> recipe; FMs are compared within one
 
     def with_effects(self, **changes: object) -> StudyDesign:
         return replace(self, effects=replace(self.effects, **changes))  # type: ignore[arg-type]
@@ -346,6 +347,8 @@ def design_from_predictions(
     fm_sites: Mapping[str, str],
     task_sites: Mapping[str, str],
     noise: Noise = Noise(),
+    *,
+    fm_recipes: Mapping[str, str] | None = None,
 ) -> StudyDesign:
     """A null design shaped like a real study: its tasks, test-set sizes, class counts, patients
     (resampled with their images, ages, sexes and ethnicities) and seeds, with each task's
@@ -379,4 +382,5 @@ def design_from_predictions(
         target = float(np.clip(np.nanmean(aurocs), 0.55, 0.99))
         design = StudyDesign(dict(fm_sites), (base,), 1, noise)
         tasks.append(replace(base, separation=_matched_separation(base, design, target)))
-    return StudyDesign(dict(fm_sites), tuple(tasks), max(seeds, 1), noise)
+    recipes = dict(fm_recipes) if fm_recipes else None
+    return StudyDesign(dict(fm_sites), tuple(tasks), max(seeds, 1), noise, recipes=recipes)

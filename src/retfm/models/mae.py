@@ -3,8 +3,10 @@
 The encoder *is* :func:`retfm.models.encoder.build_encoder` (a timm ``VisionTransformer``); this
 module only adds what pre-training needs: fixed 2-D sin-cos position embeddings, random
 masking, and a light decoder made of timm ``Block``s. After the encoder blocks the tokens go
-through the encoder's ``fc_norm`` (timm sets ``norm`` to Identity when ``fc_norm`` is used), so
-the norm learned here is the very one that later normalises the pooled features.
+through MAE's own final norm (``self.norm``, MAE's ``norm``), which belongs to pre-training:
+the encoder that is kept starts its pooled-feature norm (``fc_norm``) fresh, exactly as
+RETFound's fine-tuning model does with any MAE checkpoint (``del self.norm``; ``fc_norm``
+missing from the checkpoint), so an FM pre-trained here and a released one are read alike.
 
 Shapes: B batch, C=3 channels, S image side, p patch side, L=(S/p)^2 patches, K=L*(1-ratio) kept
 patches, D encoder width, Dd decoder width.
@@ -48,6 +50,8 @@ class MaskedAutoencoder(nn.Module):
         num_patches = self.grid * self.grid
 
         self.encoder = build_encoder(arch)
+        self.encoder.fc_norm.requires_grad_(False)  # not used here: fresh for adaptation
+        self.norm = LayerNorm(arch.embed_dim)  # MAE's final token norm (timm's, eps=1e-6)
         self._pos_and_cls()[0].requires_grad_(False)
 
         dd = arch.decoder_embed_dim
@@ -153,8 +157,7 @@ class MaskedAutoencoder(nn.Module):
         x = torch.cat([cls, x], dim=1)
         x = enc.norm_pre(x)
         x = enc.blocks(x)
-        x = enc.norm(x)  # Identity for fc_norm models; kept for generality
-        x = enc.fc_norm(x)
+        x = self.norm(x)
         return x, mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retfm.fms import FM
 
 #: Tags a version needs before it may be promoted (promotion gate "lineage complete").
 REQUIRED_TAGS = (
@@ -62,10 +66,35 @@ def missing_lineage(tags: dict[str, str]) -> list[str]:
     return [k for k in REQUIRED_TAGS if tags.get(k, "") in placeholders]
 
 
+def fm_lineage_tags(fm: FM, run: dict, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """What an FM's registry version (and its classifiers') say about where it came from:
+    the FM's identity, its recipe, and the cohort it saw (``released:<file>`` when imported)."""
+    from retfm import tracking
+
+    cohort = (
+        f"released:{fm.source.name}"
+        if fm.imported
+        else tracking.lock_hash(f"cohort@{fm.site}", f"outputs/cohorts/{fm.site}", lock_file)
+    )
+    return {
+        **fm.tags(),
+        "recipe": run["recipe"],
+        "recipe.hash": run["recipe_hash"],
+        "cohort.md5": cohort,
+        "cohort.fingerprint": run["cohort_fingerprint"],
+    }
+
+
+_FEATURES = {
+    "avg": "the mean of the patch tokens through a LayerNorm (fc_norm): RETFound's MAE feature",
+    "token": "the class token after the final norm: RETFound's DINOv2 feature",
+}
+
+
 def model_card(
     *,
     name: str,
-    site: str,
+    fm: FM,
     tags: dict[str, str],
     preprocessing: dict,
     arch: dict,
@@ -74,26 +103,41 @@ def model_card(
 ) -> str:
     """A Markdown model card (MONAI-style fields: intended use, data, input/output, versions)."""
     size = (data_card or {}).get("size") or {}
+    how = (
+        f"imported from the released checkpoint `{fm.source.name}` ({fm.recipe})"
+        if fm.imported
+        else f"pre-trained here with {fm.recipe.upper()} on the **{fm.site}** cohort"
+    )
+    if fm.imported:
+        data_lines = [
+            f"- site: {fm.site}; pre-trained elsewhere: its pre-training data are described by "
+            "its release",
+            f"- checkpoint sha256: `{tags.get('source.sha256', (data_card or {}).get('checkpoint', {}).get('sha256'))}`",
+        ]
+    else:
+        data_lines = [
+            f"- site: {fm.site}; cohort images: {size.get('images', 'n/a')}; "
+            f"patients: {size.get('patients', 'n/a')}",
+            f"- raw data DVC md5: `{tags.get('data.md5')}`; cohort DVC md5: `{tags.get('cohort.md5')}`",
+        ]
     lines = [
-        f"# Model card: {name}",
+        f"# Model card: {name} ({fm.label})",
         "",
         "## Intended use",
-        "Research only. A retinal foundation-model encoder pre-trained with a masked autoencoder "
-        f"on colour fundus photographs from site **{site}**, for studying how pre-training data "
-        "shapes downstream generalisation and fairness. Not a medical device; not for diagnosis.",
+        f"Research only. A retinal foundation-model encoder, {how}, for studying how "
+        "pre-training data shape downstream generalisation and fairness. Not a medical device; "
+        "not for diagnosis.",
         "",
         "## Input and output",
         f"- input `image`: float32 (batch, 3, {preprocessing.get('img_size')}, "
         f"{preprocessing.get('img_size')}), RGB scaled to [0, 1] then normalised with mean "
         f"{preprocessing.get('mean')} and std {preprocessing.get('std')}",
-        "- output `features`: float32 (batch, embed_dim): average-pooled patch tokens after the "
-        "encoder's norm layer (RETFound's feature).",
+        f"- output `features`: float32 (batch, embed_dim): "
+        f"{_FEATURES.get(str(arch.get('global_pool')), 'pooled encoder tokens')}.",
         f"- architecture: `{arch}`",
         "",
         "## Training data",
-        f"- site: {site}; cohort images: {size.get('images', 'n/a')}; "
-        f"patients: {size.get('patients', 'n/a')}",
-        f"- raw data DVC md5: `{tags.get('data.md5')}`; cohort DVC md5: `{tags.get('cohort.md5')}`",
+        *data_lines,
         f"- recipe: `{tags.get('recipe')}` (hash `{tags.get('recipe.hash')}`); "
         f"params hash `{tags.get('params.hash')}`; git commit `{tags.get('git.commit')}`",
         "- the full data card (age, sex, ethnicity, camera mix) is attached as `data_card.json`.",

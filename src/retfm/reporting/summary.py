@@ -7,6 +7,7 @@ never one test's p beside another test's verdict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import numpy as np
@@ -18,6 +19,7 @@ from retfm.evaluation.comparison import DECIDING_TEST
 from retfm.evaluation.factors import TEST_NAME as FACTOR_TEST
 from retfm.evaluation.subgroups import group_sort_key
 from retfm.evaluation.verdicts import EFFECT, NO_EVIDENCE, is_undetermined
+from retfm.fms import FM
 
 UNDETERMINED_MEANS = (
     "undetermined: the test could not be made (fewer than two seeds, zero variance, a single "
@@ -78,7 +80,7 @@ def build_summary(
     *,
     study: str,
     profile: str,
-    fms: list[str],
+    fms: Sequence[FM],
     runs: pd.DataFrame,
     analysis: StudyAnalysis,
     config: AnalysisConfig,
@@ -86,6 +88,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """The study's answers: per task AUROCs and the FM comparison, the alignment headline, the
     factor verdicts, and the methods (tests, alpha, calibration at this design)."""
+    names = [fm.name for fm in fms]
     tasks = []
     comp = analysis.comparisons
     align = analysis.alignment.set_index("task") if len(analysis.alignment) else None
@@ -98,8 +101,8 @@ def build_summary(
                 "task": task,
                 "task_site": str(frame["task_site"].iloc[0]),
                 "n_test_images": int(mine["n_images"].max()) if len(mine) else None,
-                "auroc": {fm: _num(means.get(fm)) for fm in fms},
-                "auroc_sd": {fm: _num(sds.get(fm)) for fm in fms},
+                "auroc": {fm: _num(means.get(fm)) for fm in names},
+                "auroc_sd": {fm: _num(sds.get(fm)) for fm in names},
                 "comparisons": [_comparison(r) for _, r in mine.iterrows()],
                 "alignment": (
                     align.loc[task, "verdict"]
@@ -117,7 +120,12 @@ def build_summary(
     return {
         "study": study,
         "profile": profile,
-        "fms": fms,
+        "fms": names,
+        "fm_info": {
+            fm.name: {"site": fm.site, "recipe": fm.recipe, "label": fm.label,
+                      "source": "imported" if fm.imported else "pre-trained"}
+            for fm in fms
+        },  # fmt: skip
         "n_seeds": int(runs.groupby(["fm", "task"])["seed"].nunique().min()),
         "tasks": tasks,
         "alignment": headline,
