@@ -30,6 +30,7 @@ def main(kind: str, name: str) -> None:
         image_size=settings.pack.image_size,
         shard_size=settings.pack.shard_size,
         workers=settings.validation.workers,
+        fundus_crop=settings.pack.fundus_crop,
     )
     print(f"packed {kind} {name}: {len(packed)} images at {settings.pack.image_size}px")
 

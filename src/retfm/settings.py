@@ -60,6 +60,9 @@ class SyntheticSettings(_Frozen):
     tasks: dict[str, SyntheticTask]
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.6, 0.2, 0.2)
     effects: EffectSettings = EffectSettings()
+    # write rectangular raw-looking photographs (off-centre field of view, sometimes clipped,
+    # noisy black border, a text-like mark) around the same retina (retfm.data.synthetic)
+    raw_photos: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticSettings:
@@ -98,6 +101,9 @@ class ValidationSettings(_Frozen):
 class PackSettings(_Frozen):
     image_size: PositiveInt = 64
     shard_size: PositiveInt = 4096
+    # AutoMorph-style crop of the black background and pad to square before resizing
+    # (retfm.data.fundus), as RETFound's authors prepared their images
+    fundus_crop: bool = True
 
 
 class ModelPreset(_Frozen):

@@ -236,3 +236,50 @@ def test_alignment_knob_lowers_the_contrast_of_the_listed_sites_photographs(tmp_
         return float(np.mean(sds))
 
     assert contrast("hospital") < 0.75 * contrast("screening")  # HAZE_LOSS 0.5, plus noise
+
+
+def test_raw_photos_are_deterministic_rectangles_around_the_same_metadata(generated, tmp_path):
+    out, _ = generated
+    sites = ["hospital", "screening"]
+    generate_dataset(settings(raw_photos=True), sites, tmp_path / "a", workers=1, progress=False)
+    generate_dataset(settings(raw_photos=True), sites, tmp_path / "b", workers=2, progress=False)
+    first, second, square = (file_hashes(p) for p in (tmp_path / "a", tmp_path / "b", out))
+    assert first == second  # same seed, same bytes, whatever the worker count
+    assert sorted(first) == sorted(square)
+    csvs = [name for name in first if name.endswith("metadata.csv")]
+    assert csvs and all(first[name] == square[name] for name in csvs)
+    pngs = [name for name in first if name.endswith(".png")]
+    assert not any(first[name] == square[name] for name in pngs)
+    shapes = set()
+    for name in pngs:
+        with Image.open(tmp_path / "a" / name) as img:
+            shapes.add(img.size)
+    assert shapes == {(43, 32), (48, 32)}  # 4:3 and 3:2 at image_size 32
+
+
+def test_raw_photos_pack_like_the_square_renderings_after_the_fundus_crop(generated, tmp_path):
+    from retfm.data.fundus import find_fov
+    from retfm.data.shards import pack_images
+
+    out, _ = generated
+    generate_dataset(settings(raw_photos=True), ["hospital"], tmp_path, workers=2, progress=False)
+    meta = read(out, "sites/hospital")
+    kw = {"image_size": 24, "shard_size": 64, "progress": False, "fundus_crop": True}
+    square = pack_images(meta, out / "sites/hospital", tmp_path / "p0", **kw)
+    raw = pack_images(meta, tmp_path / "sites/hospital", tmp_path / "p1", **kw)
+    a = square.take(np.arange(len(meta))).astype(float)
+    b = raw.take(np.arange(len(meta))).astype(float)
+    diff = np.abs(a - b).mean(axis=(1, 2, 3))
+    clipped = []
+    for path in meta["path"]:
+        with Image.open(tmp_path / "sites/hospital" / path) as img:
+            fov = find_fov(np.asarray(img))
+        clipped.append(fov.width - fov.height > 1)
+    clipped_ = np.array(clipped)
+    assert 0 < clipped_.sum() < len(meta)  # some photos lose the top or bottom of the circle
+    # unclipped: the same retina pixels; only the border noise (0-8) in the square's corners
+    # differs. Clipped: the rows cut off are black.
+    assert diff[~clipped_].max() < 1.0, diff[~clipped_]
+    assert diff.mean() < 1.5, diff.mean()
+    unclipped, cut = diff[~clipped_].mean(), diff[clipped_].mean()
+    print(f"mean abs diff: unclipped {unclipped:.3f}, clipped {cut:.3f}, all {diff.mean():.3f}")

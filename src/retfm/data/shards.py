@@ -9,10 +9,16 @@ Layout of a packed set (one folder)::
 Image rule (documented so every consumer agrees): open with Pillow; 16-bit grayscale is scaled
 to 8 bit (``v * 255 / 65535``); any other mode (grayscale ``L``, palette, ``RGBA``, ``CMYK``...)
 goes through ``Image.convert("RGB")`` (grayscale is replicated to three channels, alpha is
-dropped); then the shorter side is resized to ``S`` with bicubic resampling (Pillow antialiases
-when shrinking) and the centre ``S x S`` is cropped -- exactly torchvision's
-``Resize(S, BICUBIC)`` + ``CenterCrop(S)`` on a PIL image, the RETFound evaluation transform.
-Large JPEGs are first decoded at a reduced DCT scale (``Image.draft``), never below ``S``.
+dropped); with ``fundus_crop`` (``pack.fundus_crop``) the photograph is then cropped to the
+retina's circular field of view and padded with black to a square (AutoMorph's first step, as
+RETFound's authors prepared their data; :mod:`retfm.data.fundus`: an image without a black
+border is only padded, one without a field of view is an error); then the shorter side is
+resized to ``S`` with bicubic resampling (Pillow antialiases when shrinking) and the centre
+``S x S`` is cropped -- exactly torchvision's ``Resize(S, BICUBIC)`` + ``CenterCrop(S)`` on a
+PIL image, the RETFound evaluation transform (after the crop the image is square, so nothing of
+the retina is cut off). Large JPEGs are first decoded at a reduced DCT scale (``Image.draft``),
+never below ``S`` on the shorter side, and with ``fundus_crop`` never below ``2 S``, so the
+field of view keeps at least ``S`` pixels (a smaller one is decoded again at full size).
 """
 
 from __future__ import annotations
@@ -30,10 +36,18 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from retfm.data.fundus import FundusError, find_fov, fundus_square
+
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 FORMAT_VERSION = 1
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+#: With ``fundus_crop`` a JPEG is drafted to keep its shorter side >= this many times S: a field
+#: of view spans at least half the shorter side in practice (a smaller one is decoded again at
+#: full size), so the crop never has fewer than S pixels on its longer side.
+_FUNDUS_DRAFT = 2
+#: What a pack worker gets per image: (row number, absolute path, row label, size, fundus crop).
+_Task = tuple[int, str, str, int, bool]
 
 
 class PackError(ValueError):
@@ -48,17 +62,37 @@ def shard_name(number: int) -> str:
     return f"shard_{number:05d}.npy"
 
 
-def load_image(path: Path, image_size: int) -> np.ndarray:
-    """Decode one image file by the rule in the module docstring -> uint8 (S, S, 3)."""
+def _decode_rgb(path: Path, draft: int | None) -> tuple[Image.Image, bool]:
+    """An image file as RGB (module docstring); a JPEG decoded at a reduced DCT scale that
+    keeps both sides >= ``draft`` (None: full size). Also says whether it was reduced."""
     with Image.open(path) as img:
-        if img.format == "JPEG":
-            img.draft("RGB", (image_size, image_size))
+        full = img.size
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", (draft, draft))
         if img.mode in _SIXTEEN_BIT:
             wide = np.asarray(img, dtype=np.float64)
             rgb = Image.fromarray((wide * (255.0 / 65535.0) + 0.5).clip(0, 255).astype(np.uint8))
             rgb = rgb.convert("RGB")
         else:
             rgb = img.convert("RGB")
+    return rgb, rgb.size != full
+
+
+def load_image(path: Path, image_size: int, *, fundus_crop: bool = False) -> np.ndarray:
+    """Decode one image file by the rule in the module docstring -> uint8 (S, S, 3).
+
+    ``fundus_crop``: crop to the retina's field of view and pad to a square first
+    (:mod:`retfm.data.fundus`); a :class:`~retfm.data.fundus.FundusError` when there is none.
+    """
+    if not fundus_crop:
+        rgb, _ = _decode_rgb(path, image_size)
+    else:
+        rgb, reduced = _decode_rgb(path, _FUNDUS_DRAFT * image_size)
+        fov = find_fov(np.asarray(rgb))
+        if reduced and max(fov.width, fov.height) < image_size:  # a small FOV: decode it all
+            rgb, _ = _decode_rgb(path, None)
+            fov = find_fov(np.asarray(rgb))
+        rgb = Image.fromarray(fundus_square(np.asarray(rgb), fov))
     w, h = rgb.size
     s = image_size
     size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
@@ -67,13 +101,18 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
     return np.asarray(rgb.crop((left, top, left + s, top + s)), dtype=np.uint8)
 
 
-def _load_row(task: tuple[int, str, str, int]) -> np.ndarray:
-    """Worker entry: (row number, absolute path, row label, size) -> pixels or a PackError."""
-    row, path, label, size = task
+def _load_row(task: _Task) -> np.ndarray:
+    """Worker entry: a :data:`_Task` -> pixels or a PackError."""
+    row, path, label, size, fundus_crop = task
     try:
-        return load_image(Path(path), size)
+        return load_image(Path(path), size, fundus_crop=fundus_crop)
     except FileNotFoundError:
         raise PackError(f"{path}: image file not found (metadata row {row}, {label})") from None
+    except FundusError as err:
+        raise PackError(
+            f"{path}: cannot crop to the retina (metadata row {row}, {label}): {err} "
+            "(pack.fundus_crop: false packs photographs as they are)"
+        ) from None
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... on bad files
         raise PackError(
             f"{path}: cannot decode image (metadata row {row}, {label}): "
@@ -87,7 +126,7 @@ def _row_label(meta: pd.DataFrame, i: int) -> str:
     return f"path={meta['path'].iloc[i]!s}"
 
 
-def _decoded(tasks: Sequence[tuple[int, str, str, int]], workers: int) -> Iterator[np.ndarray]:
+def _decoded(tasks: Sequence[_Task], workers: int) -> Iterator[np.ndarray]:
     """Decoded images in metadata order, from ``workers`` forked processes (or this one)."""
     if workers <= 1:
         yield from map(_load_row, tasks)
@@ -105,8 +144,10 @@ def pack_images(
     shard_size: int,
     workers: int = 2,
     progress: bool = True,
+    fundus_crop: bool = False,
 ) -> PackedSet:
-    """Decode, resize and pack the images of ``meta`` (``path`` relative to ``root``).
+    """Decode, resize and pack the images of ``meta`` (``path`` relative to ``root``);
+    ``fundus_crop``: crop each to its field of view and pad to a square first (module doc).
 
     Every other column of ``meta`` is kept in ``index.parquet``, in order, with the image's
     ``shard`` and ``offset``. The set is written to a temporary sibling folder and renamed into
@@ -123,7 +164,8 @@ def pack_images(
     meta = meta.reset_index(drop=True)
     n = len(meta)
     tasks = [
-        (i, str(root / p), _row_label(meta, i), image_size) for i, p in enumerate(meta["path"])
+        (i, str(root / p), _row_label(meta, i), image_size, fundus_crop)
+        for i, p in enumerate(meta["path"])
     ]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +201,7 @@ def pack_images(
 
 
 def _write_shards(
-    tasks: Sequence[tuple[int, str, str, int]],
+    tasks: Sequence[_Task],
     folder: Path,
     size: int,
     shard_size: int,

@@ -28,6 +28,9 @@ What is simulated (not patient data):
   position embedding drowns them. (At demo scale, signs that only one site's pool shows, a
   richer pool, or hazier cameras under ImageNet normalisation made no FM reliably better: see
   the README, "How the demo's effects are planted".)
+* optionally (``raw_photos``) raw-looking photographs: the same retina framed as a rectangular
+  hospital export, off-centre, sometimes clipped at the top or bottom, with a noisy black border
+  and sometimes a text-like mark (:func:`frame_photo`); ``pack.fundus_crop`` undoes the framing.
 
 Determinism: metadata comes from one RNG per site (``SeedSequence(seed, spawn_key=(key(site),))``),
 each image from its own RNG keyed by its set and index, so the bytes do not depend on the number
@@ -282,6 +285,7 @@ class RenderJob(NamedTuple):
     severity: float
     contrast: float
     haze: float = 0.0  # 0..1: the site's cameras lose this much contrast (effects.alignment)
+    raw_photo: bool = False  # frame it as a raw rectangular photograph (synthetic.raw_photos)
 
 
 @lru_cache(maxsize=8)
@@ -433,6 +437,61 @@ def _draw_masks(
     return out[0], out[1], out[2]
 
 
+#: Photograph aspect ratios (width / height) of raw-looking photos.
+RAW_ASPECTS = (4.0 / 3.0, 3.0 / 2.0)
+#: Share of raw-looking photos whose field of view is clipped by the top or bottom edge.
+RAW_CLIPPED = 0.3
+#: Share of raw-looking photos with a text-like mark burnt into a corner of the border.
+RAW_MARKED = 0.5
+
+
+def frame_photo(rng: np.random.Generator, retina: np.ndarray, radius: float) -> np.ndarray:
+    """A rendered fundus (:func:`render_fundus`, field-of-view radius ``radius`` pixels around
+    the image centre) framed as a raw hospital export, uint8 (H, W, 3).
+
+    The photograph is as high as the rendering (H = its side) and 4:3 or 3:2 wide; the
+    rendering's pixels inside the field of view are pasted unchanged, at a random whole-pixel
+    offset: anywhere horizontally that keeps the circle inside, vertically centred within a
+    pixel or (:data:`RAW_CLIPPED` of photos) pushed over the top or bottom edge by 5-20% of the
+    radius. The border is near-black sensor noise (0-8 of 255), and :data:`RAW_MARKED` of photos
+    carry a small bright text-like mark in a corner of the wider side margin, away from the
+    circle. Only ``rng`` is drawn from, so the retina is the same with and without framing.
+    """
+    s = retina.shape[0]
+    xx, yy, centre_d2 = _grid(s)
+    c = (s - 1) / 2.0
+    height = s
+    width = round(height * RAW_ASPECTS[int(rng.integers(len(RAW_ASPECTS)))])
+    lo, hi = math.ceil(radius - c + 1), math.floor(width - 2 - c - radius)
+    ox = int(rng.integers(lo, hi + 1)) if hi >= lo else (width - s) // 2
+    clip = rng.uniform(0.05, 0.2) * radius
+    if rng.random() < RAW_CLIPPED:
+        top = rng.random() < 0.5  # the disc is pushed over the top (or bottom) edge
+        oy = math.floor(radius - c - clip) if top else math.ceil(height - 1 + clip - c - radius)
+    else:
+        lo, hi = math.ceil(radius - c), math.floor(height - 1 - c - radius)
+        oy = int(rng.integers(lo, hi + 1)) if hi >= lo else 0
+    photo = np.clip(rng.normal(2.0, 1.5, (height, width, 3)), 0.0, 8.0).round().astype(np.uint8)
+    inside = centre_d2 < (radius + 0.5) ** 2  # where render_fundus drew the field of view
+    ys, xs = slice(max(0, -oy), min(s, height - oy)), slice(max(0, -ox), min(s, width - ox))
+    target = photo[ys.start + oy : ys.stop + oy, xs.start + ox : xs.stop + ox]
+    np.copyto(target, retina[ys, xs], where=inside[ys, xs, None])
+
+    marked = rng.random() < RAW_MARKED
+    mark_bits, mark_level, mark_top = rng.random(width), rng.uniform(170, 255), rng.random() < 0.5
+    if marked:
+        left_margin = math.ceil(ox + c - radius) - 1  # free columns left of the circle
+        right_margin = width - math.floor(ox + c + radius) - 2
+        margin = max(left_margin, right_margin)
+        mark_w, mark_h = min(round(0.12 * width), margin - 4), max(2, round(0.05 * height))
+        if mark_w >= 4:
+            x0 = 1 if left_margin >= right_margin else width - 1 - mark_w
+            y0 = 1 if mark_top else height - 1 - mark_h
+            strokes = np.flatnonzero(mark_bits[:mark_w] < 0.6)  # glyph-like vertical strokes
+            photo[y0 : y0 + mark_h, x0 + strokes] = np.uint8(mark_level)
+    return photo
+
+
 def _render_and_write(job: RenderJob) -> None:
     rng = _rng(job.seed, *job.spawn_key)
     pixels = render_fundus(
@@ -445,6 +504,8 @@ def _render_and_write(job: RenderJob) -> None:
         contrast=job.contrast,
         haze=job.haze,
     )
+    if job.raw_photo:  # framing draws from its own stream: the retina stays the same
+        pixels = frame_photo(_rng(job.seed, *job.spawn_key, 1), pixels, job.style.fov * job.size)
     # Fixed options; Pillow writes no time or text chunks unless asked.
     Image.fromarray(pixels).save(job.path, format="PNG", compress_level=6, optimize=False)
 
@@ -618,6 +679,7 @@ def _jobs(
             severity=float(sev),
             contrast=lesion_contrast(float(age), sex, eth, effects),
             haze=haze,
+            raw_photo=cfg.raw_photos,
         )
         for i, (path, cam, eth, eye, sev, age, sex) in enumerate(
             zip(
