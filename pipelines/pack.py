@@ -3,10 +3,12 @@ memory-mapped uint8 shards, so that no epoch decodes a PNG again."""
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import typer
 
-from retfm.data.shards import pack_images
+from retfm.data.shards import CARD, pack_images
 from retfm.settings import load_settings
 from retfm.stage import stage
 
@@ -32,6 +34,8 @@ def main(kind: str, name: str) -> None:
         workers=settings.validation.workers,
         fundus_crop=settings.pack.fundus_crop,
     )
+    if kind == "cohort":  # the cohort's data card travels with its images to the FM
+        shutil.copyfile(outputs / "cohorts" / name / "card" / "card.json", packed.folder / CARD)
     print(f"packed {kind} {name}: {len(packed)} images at {settings.pack.image_size}px")
 
 

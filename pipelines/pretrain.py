@@ -80,8 +80,8 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
         if not previous:
             mlflow.log_params({f"arch.{k}": v for k, v in arch.model_dump().items()})
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items()})
-            mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe,
-                               "cohort.images": len(images), "seed": settings.study.seed})  # fmt: skip
+            mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe})
+            mlflow.log_params({"cohort.images": len(images), "seed": settings.study.seed})
         sender = tracking.BufferedMetricLogger(tracking.configure(settings), run_id)
         try:
             result = train_mae(

@@ -56,7 +56,9 @@ def main(name: str) -> None:
         "data_card.json": json.dumps(data_card, indent=2, sort_keys=True),
     }
     client = tracking.configure(settings)
-    source = f"imported from {fm.source.name}" if fm.imported else f"pre-trained on the {fm.site} cohort"
+    source = (
+        f"imported from {fm.source.name}" if fm.imported else f"pre-trained on the {fm.site} cohort"
+    )
     reg = register_onnx(
         client,
         name=fm.model_name,

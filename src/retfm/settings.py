@@ -22,10 +22,31 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Recipe = Literal["mae", "dinov2"]
+#: An FM name is a stage key (``pretrain@<name>``), a folder and part of a registry name
+#: (``fm-<name>``): letters, digits, ``_`` and ``-`` only (DVC splits stage names at ``@``,
+#: MLflow model URIs at ``@`` and ``/``).
+FM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class FMSpec(_Frozen):
+    """One foundation model of the study: a pre-training site and a recipe, and what it is made
+    from (``source``, the path DVC tracks as its input): the site's packed cohort when retfm
+    pre-trains it, or a released checkpoint file when it is imported. See :mod:`retfm.fms`."""
+
+    site: str
+    recipe: Recipe
+    source: str
+    # only for a checkpoint that does not record its architecture and whose width and depth
+    # are not a standard ViT's: the attention head count (never guessed from the width)
+    num_heads: PositiveInt | None = None
+
+
 class StudySettings(_Frozen):
     name: str
     seed: int = 0
-    sites: list[str] = Field(min_length=1)
+    sites: list[str] = Field(default_factory=list)  # sites with pre-training images (cohorts)
+    fms: dict[Annotated[str, Field(pattern=FM_NAME)], FMSpec] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
 
 
@@ -160,7 +181,6 @@ class PretrainSettings(_Frozen):
     checkpoint_every_steps: PositiveInt = 50
     init_from: str = ""
     normalisation: Literal["imagenet", "cohort"] = "imagenet"
-    imported: dict[str, str] = Field(default_factory=dict)  # site -> released MAE checkpoint
 
 
 class AdaptSettings(_Frozen):
@@ -242,6 +262,28 @@ class Settings(_Frozen):
             )
         if len(set(self.study.sites)) != len(self.study.sites):
             raise ValueError(f"study.sites has duplicates: {self.study.sites}")
+        for name, spec in self.study.fms.items():
+            cohort = (self.paths.outputs / "packed" / "cohorts" / spec.site).as_posix()
+            packed = (self.paths.outputs / "packed").as_posix()
+            given = Path(spec.source).as_posix()
+            if given != cohort and given.startswith(packed):
+                raise ValueError(
+                    f"study.fms.{name}: source {spec.source!r} is a packed folder but not "
+                    f"site {spec.site!r}'s cohort; pre-training on it needs source: {cohort}"
+                )
+            if given != cohort:
+                continue  # imported from a checkpoint
+            if spec.site not in self.study.sites:
+                raise ValueError(
+                    f"study.fms.{name}: pre-trained on site {spec.site!r}'s cohort, but "
+                    f"{spec.site!r} is not in study.sites {self.study.sites}"
+                )
+            if spec.recipe not in TRAINABLE_RECIPES:
+                raise ValueError(
+                    f"study.fms.{name}: recipe {spec.recipe!r} cannot be pre-trained here yet "
+                    f"(trainable: {list(TRAINABLE_RECIPES)}); import a released {spec.recipe} "
+                    "checkpoint instead (source: <path to the .pth file>)"
+                )
         return self
 
     def digest(self, *sections: str) -> str:
@@ -264,6 +306,16 @@ DVC_INVISIBLE_KEYS = ("size", "nfiles")
 DVC_ISSUE = "https://github.com/treeverse/dvc/issues/10296"
 #: Settings renamed because of that, old path -> new path.
 RENAMED = {"cohort.size": "cohort.images_per_site"}
+#: Settings that no longer exist, path -> what replaced them.
+REPLACED = {
+    "pretrain.imported": (
+        "an FM is now a (site, recipe) entry of study.fms; an imported one names its "
+        "checkpoint as its source, e.g. study.fms: {mae-meh: {site: meh, recipe: mae, "
+        "source: checkpoints/RETFound_mae_meh.pth}}"
+    ),
+}
+#: Recipes retfm can pre-train (the others can be imported from released checkpoints).
+TRAINABLE_RECIPES = ("mae",)
 
 
 def invisible_keys(raw: Any, path: str = "") -> list[str]:
@@ -310,8 +362,30 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _check_replaced(raw: dict[str, Any], source: Path) -> None:
+    lines = []
+    for dotted, hint in REPLACED.items():
+        section, key = dotted.split(".", 1)
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            lines.append(f"  {dotted}: no longer a setting: {hint}")
+    study = raw.get("study")
+    if isinstance(study, dict) and "fms" not in study and study.get("sites"):
+        sites = study["sites"]
+        example = ", ".join(
+            f"mae-{s}: {{site: {s}, recipe: mae, source: outputs/packed/cohorts/{s}}}"
+            for s in sites
+        )
+        lines.append(
+            "  study.fms: required: the FMs compared, each a (site, recipe) pair, e.g. "
+            f"study.fms: {{{example}}}"
+        )
+    if lines:
+        raise SettingsError("\n".join([f"{source}: settings from an older retfm:", *lines]))
+
+
 def parse_settings(raw: dict[str, Any], source: Path = Path("params.yaml")) -> Settings:
     _check_visible_to_dvc(raw, source)
+    _check_replaced(raw, source)
     try:
         return Settings.model_validate(raw)
     except ValidationError as err:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from retfm.data.fundus import FundusError, find_fov, fundus_square
 
 MANIFEST = "manifest.json"
+CARD = "card.json"  # a packed cohort also holds its data card (written by the pack stage)
 INDEX = "index.parquet"
 FORMAT_VERSION = 1
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}

@@ -66,8 +66,9 @@ STANDARD_VITS: dict[tuple[int, int], tuple[str, int]] = {
     (1280, 32): ("ViT-H", 16),
     (1536, 40): ("ViT-g", 24),
 }
-#: Architecture names as MAE / RETFound / DINOv2 record them -> head count.
-_NAMED_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "giant": 24}
+#: Size words of architecture names as MAE / RETFound / DINOv2 record them -> (width, heads).
+_NAMED_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16),
+                "huge": (1280, 16), "giant": (1536, 24)}  # fmt: skip
 _LAYER_SCALE_INIT = 1e-5  # DINOv2's; any non-None value makes timm build LayerScale
 
 
@@ -215,9 +216,10 @@ def _grid_side(n_tokens: int, path: Path) -> int:
     return side
 
 
-def recorded_heads(obj: dict[str, Any]) -> tuple[int, str] | None:
-    """The head count the checkpoint records, with where it was read: ``args.num_heads`` or
-    the size word of ``args.model`` / ``arch`` (``mae_vit_large_patch16`` -> large -> 16)."""
+def recorded_heads(obj: dict[str, Any], width: int, path: Path) -> tuple[int, str] | None:
+    """The head count the checkpoint records, with where it was read: ``args.num_heads``, or
+    the size word of ``args.model`` / ``arch`` (``mae_vit_large_patch16`` -> large -> 16),
+    which must then agree with the tensors' width."""
     for key in ("args", "config", "cfg"):
         rec = obj.get(key)
         if isinstance(rec, argparse.Namespace):
@@ -228,10 +230,17 @@ def recorded_heads(obj: dict[str, Any]) -> tuple[int, str] | None:
             return int(rec["num_heads"]), f"{key}.num_heads"
         for name_key in ("model", "arch", "model_name"):
             name = rec.get(name_key)
-            if isinstance(name, str):
-                for word, heads in _NAMED_HEADS.items():
-                    if re.search(rf"(?:^|[_\-]){word}\d*(?:[_\-]|$)", name.lower()):
-                        return heads, f"{key}.{name_key} = {name!r}"
+            if not isinstance(name, str):
+                continue
+            for word, (named_width, heads) in _NAMED_SIZES.items():
+                if re.search(rf"(?:^|[_\-]){word}\d*(?:[_\-]|$)", name.lower()):
+                    if named_width != width:
+                        raise CheckpointLayoutError(
+                            f"{path}: {key}.{name_key} names {name!r} ({word}: {named_width} "
+                            f"wide) but its weights are {width} wide; set num_heads for this FM "
+                            "in params.yaml if the file is what you meant to import"
+                        )
+                    return heads, f"{key}.{name_key} = {name!r}"
     return None
 
 
@@ -348,7 +357,8 @@ def _spec(
     swiglu = "blocks.0.mlp.fc2.weight" in state and (
         state["blocks.0.mlp.fc2.weight"].shape[1] * 2 == fc1.shape[0]
     )
-    heads, heads_from = resolve_heads(dim, depth, recorded_heads(obj), num_heads, path)
+    recorded = recorded_heads(obj, dim, path) if num_heads is None else None
+    heads, heads_from = resolve_heads(dim, depth, recorded, num_heads, path)
     dinov2 = family == "dinov2"
     spec = EncoderSpec(
         family=family,
@@ -451,7 +461,7 @@ def load_mae_pretraining_weights(mae: nn.Module, path: Path) -> None:
             full[k] = v  # MAE's final token norm
         elif not k.startswith(("head.", "fc_norm.")):
             full[f"encoder.{k}"] = v
-    grid = mae.grid  # type: ignore[attr-defined]
+    grid = int(getattr(mae, "grid"))  # noqa: B009 - MaskedAutoencoder.grid
     for key in ("encoder.pos_embed", "decoder_pos_embed"):
         if key in full:
             full[key] = interpolate_pos_embed(full[key], 1, grid)
