@@ -99,14 +99,22 @@ def import_folder(
     source_site: Annotated[str, typer.Option(help="site the images come from")],
     metadata: Annotated[Path | None, typer.Option(help="CSV of per-image age, sex, ...")] = None,
 ) -> None:
-    """Import <set>/{train,val,test}/<class>/<image> into a task folder (data/tasks/<task>)."""
+    """Import <set>/{train,val,test}/<class>/<image> into a task folder (data/tasks/<task>);
+    says what it skipped and what the splits and classes found mean for adaptation."""
     from retfm.data.importer import import_folder_layout
 
     try:
         table = import_folder_layout(src, dst, source_site=source_site, metadata_csv=metadata)
     except ValueError as err:
         _fail(str(err))
-    typer.echo(f"imported {len(table)} images into {dst}/metadata.csv")
+    report = table.attrs["import_report"]
+    typer.echo(f"{report.text()}\nwritten: {dst}/metadata.csv ({len(table)} rows)")
+    if report.warnings:
+        typer.secho(
+            f"{len(report.warnings)} warning(s): see above before `dvc repro`",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 @app.command("import-checkpoint")

@@ -117,7 +117,7 @@ def test_unreadable_files_are_metadata_errors(tmp_path):
         read_metadata(_csv(tmp_path, "", name="empty.csv"), "site")
     header = "image_id,patient_id,path,age,sex\n"
     for i, rows in enumerate(["a,p,x.png,1,F,extra\n", "a,p,x.png,1,F\nb,p,y.png,1,F,extra\n"]):
-        with pytest.raises(MetadataError, match="not a readable CSV"):
+        with pytest.raises(MetadataError, match="do not have the header's 5 fields"):
             read_metadata(_csv(tmp_path, header + rows, f"wide{i}.csv"), "site")
 
 
@@ -126,3 +126,156 @@ def test_annotations_match_on_filename(tmp_path):
     df = read_annotations(path)
     assert df["filename"].tolist() == ["x1.jpg", "x2.jpg"]
     assert df["age"].tolist()[0] == 70.0 and df["sex"].tolist()[0] == "F"
+
+
+# --- the column structure must be certain: every line one field per header column -------------
+
+SITE = "image_id,patient_id,path,age,sex,camera\n"
+
+
+def _refused(path: Path, kind: str = "site") -> MetadataError:
+    with pytest.raises(MetadataError) as info:
+        read_metadata(path, kind)  # type: ignore[arg-type]
+    return info.value
+
+
+def test_a_row_with_fewer_fields_than_the_header_is_refused_not_padded(tmp_path):
+    # pandas pads a short row with empty cells: line 3 lost its camera silently, and line 4
+    # (age missing) had its sex read as age and its camera as sex
+    path = _csv(
+        tmp_path,
+        SITE + "a,p,images/a.png,60,F,topcon\nb,q,images/b.png,61,M\nc,r,images/c.png,F,topcon\n",
+    )
+    err = _refused(path)
+    assert [(p.row, p.column) for p in err.problems] == [(3, "camera"), (4, "camera")]
+    message = str(err)
+    assert "do not have the header's 6 fields" in message
+    assert f"{path} line 3, column 'camera': got 'b,q,images/b.png,61,M', expected 6" in message
+    assert "this line has 5" in message
+    assert "values may sit in the wrong columns" in message
+
+
+def test_rows_with_more_fields_are_refused_alike_first_or_later(tmp_path):
+    # pandas: a long first row was a warning without a line, a long later row a tokenizer error
+    # naming one line only; both are now listed with their extra values
+    path = _csv(
+        tmp_path,
+        SITE + "a,p,images/a.png,60,F,topcon,x\n"
+        "b,q,images/b.png,61,M,topcon\n"
+        "c,r,images/c.png,62,F,topcon,,\n",
+    )
+    err = _refused(path)
+    assert [(p.row, p.value) for p in err.problems] == [
+        (2, "a,p,images/a.png,60,F,topcon,x"),
+        (4, "c,r,images/c.png,62,F,topcon,,"),
+    ]
+    assert all(p.column == "(field 7; the header has 6)" for p in err.problems)
+    assert f"{path} line 2, column '(field 7; the header has 6)'" in str(err)
+    assert "this line has 7" in str(err)
+
+
+def test_a_header_with_both_separators_is_refused_as_uncertain(tmp_path):
+    for i, header in enumerate(
+        ["image_id;patient_id,path;age;sex", "image_id;patient_id;path;age;sex;notes,extra"]
+    ):
+        path = _csv(tmp_path, header + "\na;p;images/a.png;60;F;x\n", f"mixed{i}.csv")
+        err = _refused(path)
+        message = str(err)
+        assert f"{path} line 1 (header)" in message and "separator is not certain" in message
+        assert "',' 1 time(s)" in message and "sep=;" in message
+        assert [p.row for p in err.problems] == [1]
+    assert err.problems[0].column == "notes,extra"
+
+
+def test_excel_sep_line_declares_the_separator(tmp_path):
+    path = _csv(
+        tmp_path,
+        "sep=;\nimage_id;patient_id;path;age;sex;weight, kg\n"
+        "a;p;images/a.png;60;F;70,5\n"
+        "b;q;images/b.png;x;M;80\n",
+    )
+    err = _refused(path)
+    assert f"{path} line 4, column 'age': got 'x'" in str(err)  # lines count the sep= line
+    path.write_text(path.read_text().replace(";x;", ";61;"))
+    df = read_metadata(path, "site")
+    assert df["row"].tolist() == [3, 4]
+    assert df["weight, kg"].tolist() == ["70,5", "80"]
+    bad = _csv(tmp_path, "sep=|\nimage_id|patient_id\n", "pipe.csv")
+    assert "line 1 declares the separator '|'" in str(_refused(bad))
+
+
+def test_empty_trailing_columns_are_dropped_with_a_note(tmp_path):
+    # Excel's "a;b;c;;;" on every line (and a trailing separator on the header alone)
+    path = _csv(
+        tmp_path,
+        "image_id;patient_id;path;age;sex;;;\na;p;images/a.png;60;F;;;\nb;q;images/b.png;61;M\n",
+    )
+    df = read_metadata(path, "site")
+    assert list(df.columns) == ["row", "image_id", "patient_id", "path", "age", "sex"]
+    assert df.attrs["empty_columns_dropped"] == 3
+
+
+def test_an_unnamed_column_holding_data_is_refused(tmp_path):
+    path = _csv(
+        tmp_path,
+        "image_id,patient_id,path,age,sex,\na,p,images/a.png,60,F,\nb,q,images/b.png,61,M,zzz\n",
+    )
+    err = _refused(path)
+    assert [(p.row, p.column, p.value) for p in err.problems] == [(3, "(unnamed column 6)", "zzz")]
+    assert "the header (line 1) has no name for this column" in str(err)
+    middle = _csv(tmp_path, "image_id,,patient_id,path,age,sex\na,,p,x.png,60,F\n", "mid.csv")
+    err = _refused(middle)
+    assert [(p.row, p.column) for p in err.problems] == [(1, "(unnamed column 2)")]
+    assert f"{middle} line 1, column '(unnamed column 2)'" in str(err)
+
+
+def test_a_repeated_header_name_is_refused_naming_its_columns(tmp_path):
+    # pandas renamed the second 'age' to 'age.1', so an exact repeat passed unnoticed
+    for i, header in enumerate(
+        ["image_id,patient_id,path,age,sex,age", "image_id,patient_id,path,age,sex,Age "]
+    ):
+        path = _csv(tmp_path, header + "\na,p,images/a.png,60,F,61\n", f"dupe{i}.csv")
+        err = _refused(path)
+        assert [(p.row, p.column, p.value) for p in err.problems] == [(1, "age", "columns 4 and 6")]
+        assert f"{path} line 1, column 'age'" in str(err)
+
+
+def test_a_quote_left_open_is_refused_at_its_line(tmp_path):
+    header = "image_id,patient_id,path,age,sex\n"
+    to_end = _csv(
+        tmp_path, header + 'a,p,images/a.png,60,F\nb,q,"images/b.png,61,M\nc,r,x.png,62,F\n'
+    )
+    err = _refused(to_end)
+    assert [(p.row, p.column) for p in err.problems] == [(3, "path")]
+    assert "never closed" in str(err) and f"{to_end} line 3, column 'path'" in str(err)
+    # closed again further down: one value swallows lines 3-4; later lines keep their numbers
+    closed = _csv(
+        tmp_path,
+        header + 'a,p,images/a.png,60,F\nb,q,"images/b.png,61\nM",61,F\nc,r,x.png,62,F\n'
+        "d,s,y.png,abc,F\n",
+        "closed.csv",
+    )
+    err = _refused(closed)
+    assert [(p.row, p.column) for p in err.problems] == [(3, "path"), (6, "age")]
+    assert "runs over lines 3-4" in str(err)
+
+
+def test_tab_separated_files_are_read(tmp_path):
+    path = _csv(tmp_path, "image_id\tpatient_id\tpath\tage\tsex\na\tp\timages/a.png\t60\tF\n")
+    assert read_metadata(path, "site")["path"].tolist() == ["images/a.png"]
+    mixed = _csv(tmp_path, "image_id\tpatient_id\tpath,age\tsex\n", "mixed.csv")
+    assert "separator is not certain" in str(_refused(mixed))
+
+
+def test_a_table_without_data_rows_is_refused(tmp_path):
+    for i, rest in enumerate(["", "\n\n;;;;\n"]):
+        path = _csv(tmp_path, "image_id;patient_id;path;age;sex\n" + rest, f"e{i}.csv")
+        message = str(_refused(path))
+        assert f"{path}: no data rows" in message and "site table needs at least one row" in message
+
+
+def test_quoted_values_keep_their_separators(tmp_path):
+    path = _csv(tmp_path, SITE + 'a,p,"images/a,1.png",60,F,"topcon, ""trc"""\n')
+    df = read_metadata(path, "site")
+    assert df["path"].tolist() == ["images/a,1.png"]
+    assert df["camera"].tolist() == ['topcon, "trc"']

@@ -48,11 +48,19 @@ def missing_image(repo: Path) -> None:
     (repo / "data/sites/hospital" / rows[4]["path"]).unlink()  # CSV line 6
 
 
+def ragged_row(repo: Path) -> None:
+    path = repo / SITE_CSV
+    lines = path.read_text().splitlines()
+    lines[7] = lines[7].rsplit(",", 1)[0]  # CSV line 8 loses its last field (pandas would pad it)
+    path.write_text("\n".join(lines) + "\n")
+
+
 CASES = {
     "missing-column": (drop_age, ["age"]),
     "age-abc": (age_abc, ["age", "abc", "8"]),
     "duplicate-id": (duplicate_id, ["image_id", "5", "11"]),
     "missing-image": (missing_image, ["missing", "6"]),
+    "ragged-row": (ragged_row, ["do not have the header's", "row 8"]),
 }
 
 

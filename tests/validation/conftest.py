@@ -50,9 +50,10 @@ def _site_rows(site: str, n: int) -> list[str]:
 
 
 def _task_rows(n: int) -> list[str]:
+    # pairs of one image per class: train, train, val, test (every split holds both classes)
     splits = ["train", "train", "val", "test"]
     return [
-        f"t{i},tp{i},images/t{i}.png,{i % 2},{splits[i % 4]},hospital,{40 + i},{'FM'[i % 2]}"
+        f"t{i},tp{i},images/t{i}.png,{i % 2},{splits[(i // 2) % 4]},hospital,{40 + i},{'FM'[i % 2]}"
         for i in range(n)
     ]
 

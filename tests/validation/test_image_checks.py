@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 from retfm.validation.images import check_images
@@ -63,3 +64,21 @@ def test_pool_gives_the_same_answer_in_the_same_order(tmp_path, png):
     assert len(inline) == 12
     assert inline.equals(pooled)
     assert list(pooled["path"]) == sorted(pooled["path"])
+
+
+def test_a_link_out_of_the_folder_is_an_error_naming_its_target(tmp_path, png):
+    root, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    outside = png(elsewhere / "x.png")
+    png(root / "images" / "real.png")
+    (root / "images" / "out.png").symlink_to(outside)  # a file link, out
+    (root / "linked").symlink_to(elsewhere)  # a folder link on the path, out
+    (root / "images" / "in.png").symlink_to("real.png")  # stays inside: fine
+    (root / "images" / "dangling.png").symlink_to(elsewhere / "gone.png")  # out, and missing
+    paths = ["images/out.png", "linked/x.png", "images/in.png", "images/dangling.png"]
+    for decode in (True, False):
+        found = check_images(root, paths, min_side=32, decode=decode)
+        assert found["path"].tolist() == ["images/out.png", "linked/x.png", "images/dangling.png"]
+        assert set(found["problem"]) == {"outside_folder"}
+        target = os.path.realpath(outside)
+        assert found["detail"].iloc[0] == f"a symbolic link leads to {target}, outside {root}"
+    assert check_images(root, ["images/in.png"], min_side=32, decode=False).empty

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -94,7 +95,7 @@ def test_unreadable_csv_is_a_failed_suite_not_a_crash(make_data, tmp_path, setti
         [2],
         ["abc"],
     )
-    header = by_name["task.hospital_dr"].failures[0]
+    header = next(f for f in by_name["task.hospital_dr"].failures if f.column == "split")
     assert (header.column, header.rows) == ("split", [1])
     assert header.detail == "expected this required column in the header"
     text = report.summary_text()
@@ -143,7 +144,7 @@ def test_cohort_validation(tmp_path, settings):
 def test_imported_public_layout_validates_as_a_task(make_data, tmp_path, settings, png):
     layout = tmp_path / "public_set"
     for i, (split, label) in enumerate(
-        [("train", "a"), ("train", "b"), ("val", "a"), ("test", "b")]
+        [("train", "a"), ("train", "b"), ("val", "a"), ("val", "b"), ("test", "b")]
     ):
         png(layout / split / label / f"img{i}.png", seed=i)
     data = make_data()
@@ -154,4 +155,92 @@ def test_imported_public_layout_validates_as_a_task(make_data, tmp_path, setting
     report = validate_raw(settings, data, tmp_path / "out")
     assert report.success, report.summary_text()
     task = pd.read_parquet(tmp_path / "out" / "tasks" / "hospital_dr.parquet")
-    assert sorted(task["label"]) == ["a", "a", "b", "b"]
+    assert sorted(task["label"]) == ["a", "a", "b", "b", "b"]
+
+
+def _task(rows: list[tuple[str, str, str]]) -> list[str]:
+    """Task rows from (patient, label, split); image i is t<i>."""
+    return [
+        f"t{i},{patient},images/t{i}.png,{label},{split},hospital,{40 + i},F"
+        for i, (patient, label, split) in enumerate(rows)
+    ]
+
+
+def _failed(settings, data, tmp_path) -> str:  # noqa: ANN001
+    with pytest.raises(ValidationFailed) as info:
+        validate_raw(settings, data, tmp_path / "out")
+    return str(info.value)
+
+
+def test_a_table_without_rows_fails_naming_site_and_file(make_data, tmp_path, settings):
+    data = make_data(site_rows={"screening": []})
+    text = _failed(settings, data, tmp_path)
+    csv = data / "sites" / "screening" / "metadata.csv"
+    assert f"[FAIL] site.screening ({csv}, 0 rows)" in text
+    assert f"{csv}: no data rows: the header (line 1) is followed by nothing" in text
+    assert "[ok  ] site.hospital" in text
+
+
+def test_a_ragged_line_fails_validation_naming_line_and_column(make_data, tmp_path, settings):
+    data = make_data()
+    csv = data / "sites" / "hospital" / "metadata.csv"
+    lines = csv.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0]  # line 4 loses its last field (camera)
+    csv.write_text("\n".join(lines) + "\n")
+    text = _failed(settings, data, tmp_path)
+    assert f"{csv}: 1 line(s) do not have the header's 8 fields" in text
+    assert "read_metadata on 'camera': 1 row(s) (expected 8 fields" in text
+    assert "row 4 = 'hospital2,hospitalp1,images/hospital2.png,40,F,white,L'" in text
+
+
+def test_a_class_missing_from_train_is_explained(make_data, tmp_path, settings):
+    rows = [("p0", "0", "train"), ("p1", "1", "train"), ("p2", "0", "val"), ("p3", "1", "val")]
+    rows += [("p4", "0", "test"), ("p5", "2", "test"), ("p6", "2", "test")]
+    text = _failed(settings, make_data(task_rows=_task(rows)), tmp_path)
+    assert (
+        "task hospital_dr: class '2' has 0 images in split 'train' but 2 in 'test'; the "
+        "classifier cannot learn it. Move some of its patients into train or drop the class; "
+        "e.g. row 7 = '2', row 8 = '2'"
+    ) in text
+
+
+def test_a_single_class_val_split_and_an_empty_split_are_explained(make_data, tmp_path, settings):
+    rows = [("p0", "0", "train"), ("p1", "1", "train"), ("p2", "0", "val"), ("p3", "0", "val")]
+    text = _failed(settings, make_data(task_rows=_task(rows)), tmp_path)
+    assert "task hospital_dr: split 'val' holds one class only ('0', 2 images)" in text
+    assert "Move patients of another class into val" in text
+    assert "task hospital_dr: split 'test' has no images" in text
+    assert "nothing to report the classifier's performance on" in text
+
+
+def test_a_patient_in_two_splits_is_explained(make_data, tmp_path, settings):
+    rows = [("p0", "0", "train"), ("p1", "1", "train"), ("p0", "0", "val"), ("p3", "1", "val")]
+    rows += [("p4", "0", "test"), ("p5", "1", "test")]
+    text = _failed(settings, make_data(task_rows=_task(rows)), tmp_path)
+    assert (
+        "task hospital_dr: 1 patient(s) have images in more than one split, e.g. patient 'p0' "
+        "in 'train' (line 2) and 'val' (line 4)"
+    ) in text
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_a_symlink_out_of_the_folder_is_refused(make_data, tmp_path, settings, png, check_images):
+    validation = settings.validation.model_copy(update={"check_images": check_images})
+    settings = settings.model_copy(update={"validation": validation})
+    data = make_data()
+    site = data / "sites" / "hospital"
+    outside = png(tmp_path / "elsewhere" / "x.png")
+    (site / "images" / "hospital3.png").unlink()
+    os.symlink(outside, site / "images" / "hospital3.png")  # a file link, leading out (line 5)
+    os.symlink(tmp_path / "elsewhere", site / "linked")  # a folder link on the path (line 7)
+    rows = (site / "metadata.csv").read_text().splitlines()
+    rows[6] = rows[6].replace("images/hospital5.png", "linked/x.png")
+    os.replace(site / "images" / "hospital1.png", site / "images" / "real.png")
+    os.symlink("real.png", site / "images" / "hospital1.png")  # stays inside: fine (line 3)
+    (site / "metadata.csv").write_text("\n".join(rows) + "\n")
+    text = _failed(settings, data, tmp_path)
+    assert "expect_column_values_to_be_null on 'image_problem': 2 row(s)" in text
+    target = os.path.realpath(outside)
+    assert f"row 5 = 'outside_folder: a symbolic link leads to {target}, outside {site}'" in text
+    assert "[images/hospital3.png]" in text and "[linked/x.png]" in text
+    assert "row 3 " not in text

@@ -5,6 +5,10 @@ read). The work is spread over a process pool in chunks, since decoding is CPU-b
 
 Problems (at most one error per image, the first in this order):
 
+- `outside_folder` (error): a symbolic link (the file, or a folder on its path) leads out of the
+  CSV's folder; the detail says where. A link that stays inside the folder is fine. The
+  reader already refuses absolute and `..` paths, so after this check every image the later
+  stages open (packing reads ``folder / path``) lies inside its data folder.
 - `missing` (error): no such file, or not a regular file.
 - `empty` (error): zero bytes.
 - `not_an_image` (error): Pillow cannot identify it.
@@ -18,6 +22,7 @@ Problems (at most one error per image, the first in this order):
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -44,8 +49,35 @@ _INLINE_BELOW = 256  # fewer images than this: a pool costs more than it saves
 Row = tuple[str, str, str, str]
 
 
-def _check_one(root: str, rel: str, min_side: int) -> list[Row]:
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def _outside(root: str, full: str) -> str | None:
+    """Where ``full`` really is, when a symbolic link takes it out of ``root``; else None.
+
+    A folder's real path is resolved once per folder (per process); a file itself costs one
+    ``lstat``, and a real-path resolution only when it is a link.
+    """
+    top = _real_folder(root)
+    folder, name = os.path.split(full)
+    real = os.path.join(_real_folder(folder), name)
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+        return None
+    return real
+
+
+def _check_one(root: str, rel: str, min_side: int, decode: bool = True) -> list[Row]:
     full = os.path.join(root, rel)
+    real = _outside(root, full)
+    if real is not None:
+        detail = f"a symbolic link leads to {real}, outside {root}"
+        return [(rel, "outside_folder", ERROR, detail)]
+    if not decode:
+        return []
     try:
         size = os.stat(full).st_size
     except OSError:
@@ -80,8 +112,8 @@ def _check_one(root: str, rel: str, min_side: int) -> list[Row]:
     return []
 
 
-def _check_chunk(root: str, paths: Sequence[str], min_side: int) -> list[Row]:
-    return [row for rel in paths for row in _check_one(root, rel, min_side)]
+def _check_chunk(root: str, paths: Sequence[str], min_side: int, decode: bool = True) -> list[Row]:
+    return [row for rel in paths for row in _check_one(root, rel, min_side, decode)]
 
 
 def _pool_context() -> mp.context.BaseContext | None:
@@ -90,23 +122,24 @@ def _pool_context() -> mp.context.BaseContext | None:
 
 
 def check_images(
-    root: Path, paths: Sequence[str], *, min_side: int, workers: int = 2
+    root: Path, paths: Sequence[str], *, min_side: int, workers: int = 2, decode: bool = True
 ) -> pd.DataFrame:
     """Problems of the images at ``root / path`` for each path; an empty frame when all are fine.
 
     Returns columns ``path, problem, severity, detail``, in the order of ``paths``; at most one
     error per image (the first found, in the table's order above), infos only for good images.
+    ``decode=False`` checks only that no link leads out of ``root`` (``outside_folder``).
     """
     root_str = str(root)
     paths = list(paths)
+    _real_folder.cache_clear()  # links may have changed since the last call
     if workers <= 1 or len(paths) < _INLINE_BELOW:
-        rows = _check_chunk(root_str, paths, min_side)
+        rows = _check_chunk(root_str, paths, min_side, decode)
     else:
         size = max(64, math.ceil(len(paths) / (workers * 8)))
         chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+        n = len(chunks)
         with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-            parts = pool.map(
-                _check_chunk, [root_str] * len(chunks), chunks, [min_side] * len(chunks)
-            )
+            parts = pool.map(_check_chunk, [root_str] * n, chunks, [min_side] * n, [decode] * n)
             rows = [row for part in parts for row in part]
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -32,6 +32,7 @@ class Failure:
     values: list[Any] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     detail: str = ""
+    message: str = ""  # the problem in plain words, shown instead of rule, count and detail
 
     def describe(self) -> str:
         where = f" on {self.column!r}" if self.column else ""
@@ -40,6 +41,8 @@ class Failure:
             text += f": {self.count} row(s)"
         if self.detail:
             text += f" ({self.detail})"
+        if self.message:
+            text = self.message.rstrip(".")
         shown = []
         for i, row in enumerate(self.rows):
             item = f"row {row}"
@@ -204,7 +207,8 @@ def suite_from_metadata_error(name: str, err: MetadataError, max_rows: int) -> S
         Failure(
             expectation="read_metadata",
             column=column,
-            count=None if problems[0].row == 1 else len(problems),  # row 1: the header
+            # a header problem is not a count of rows
+            count=None if problems[0].row <= err.header_line else len(problems),
             rows=[p.row for p in problems[:max_rows]],
             values=[p.value for p in problems[:max_rows]],
             detail=f"expected {problems[0].expected}",
@@ -213,4 +217,6 @@ def suite_from_metadata_error(name: str, err: MetadataError, max_rows: int) -> S
     ]
     if not failures:  # the file as a whole is unreadable (missing, not UTF-8, bad header)
         failures = [Failure("read_metadata", None, None, detail=str(err))]
+    elif err.headline:  # what the problems mean together (e.g. lines short of the header)
+        failures.insert(0, Failure("read_metadata", None, None, message=err.headline))
     return SuiteResult(name=name, target=err.file, success=False, failures=failures)

@@ -27,6 +27,7 @@ from retfm.validation.images import check_images
 from retfm.validation.report import (
     FILE_COLUMN,
     ROW_COLUMN,
+    Failure,
     SuiteResult,
     ValidationFailed,
     ValidationReport,
@@ -136,6 +137,11 @@ def _reading_notes(df: pd.DataFrame) -> list[str]:
         notes.append(f"{df.attrs['duplicate_rows_dropped']} exact duplicate row(s) dropped")
     if df.attrs.get("blank_lines_dropped"):
         notes.append(f"{df.attrs['blank_lines_dropped']} blank line(s) dropped")
+    if df.attrs.get("empty_columns_dropped"):
+        notes.append(
+            f"{df.attrs['empty_columns_dropped']} empty unnamed column(s) at the end of the "
+            "header dropped"
+        )
     return notes
 
 
@@ -162,23 +168,32 @@ def _check_table(
         df = read_metadata(csv_path, "site" if kind == "sites" else "task")
     except MetadataError as err:
         return suite_from_metadata_error(name, err, max_rows), None
-    checked, notes = df, _reading_notes(df)
-    if settings.validation.check_images:
-        problems = check_images(
-            csv_path.parent,
-            df["path"].tolist(),
-            min_side=settings.validation.min_image_side,
-            workers=settings.validation.workers,
-        )
-        checked = suites.with_image_problems(df, problems)
-        notes += _image_notes(problems, max_rows)
+    notes = _reading_notes(df)
+    # links out of the folder are refused even without image checks (decode=False)
+    problems = check_images(
+        csv_path.parent,
+        df["path"].tolist(),
+        min_side=settings.validation.min_image_side,
+        workers=settings.validation.workers,
+        decode=settings.validation.check_images,
+    )
+    checked = suites.with_image_problems(df, problems)
+    notes += _image_notes(problems, max_rows)
+    plain: list[Failure] = []
     if kind == "sites":
-        suite = suites.site_suite(settings, name, optional=_present(df, schema.SITE_OPTIONAL))
+        optional = _present(df, schema.SITE_OPTIONAL)
+        suite = suites.site_suite(settings, name, optional=optional, images=True)
     else:
         checked = suites.with_split_leakage(checked)
         optional = _present(df, schema.TASK_OPTIONAL)
-        suite = suites.task_suite(settings, suites.task_classes(df), name, optional=optional)
-    return runner.run(str(csv_path), checked, suite, notes=notes), df
+        classes = suites.task_classes(df)
+        suite = suites.task_suite(settings, classes, name, optional=optional, images=True)
+        plain = suites.task_learnability(checked, name.split(".", 1)[-1], max_rows)
+    result = runner.run(str(csv_path), checked, suite, notes=notes)
+    if plain:  # the plain-words account first; the expectations' own failures follow
+        result.failures[:0] = plain
+        result.success = False
+    return result, df
 
 
 def validate_raw(

@@ -10,7 +10,10 @@ boolean ``patient_in_several_splits`` expected to be False), which keeps validat
   `image_id`; paths relative and inside their folder; every image decodes (`image_problem` null).
 - task: the same for the task columns; `split` in train/val/test and each split non-empty;
   `label` in the fixed label set (the train split's labels) and each label present;
-  `source_site` a known site; no patient in two splits.
+  `source_site` a known site; no patient in two splits. Before them, in plain words
+  (:func:`task_learnability`), what adaptation would refuse hours later: an empty split, a
+  single class, a class with no train image, a val split of one class; and patients in two
+  splits.
 - cohort: the site rules; no patient of a held-out task set of the site
   (`patient_in_heldout` False).
 - cohort mix: per age band and sex, the cohort's share within
@@ -29,6 +32,7 @@ import pandas as pd
 from retfm.data import schema
 from retfm.data.metadata import EYE_UNKNOWN
 from retfm.settings import Settings
+from retfm.validation.report import ROW_COLUMN, Failure
 
 ESCAPING_PATH_REGEX = r"^/|^[A-Za-z]:|(?:^|/)\.\.(?:/|$)"
 EYE_VALUES = [*schema.EYE, EYE_UNKNOWN]
@@ -173,6 +177,111 @@ def task_classes(df: pd.DataFrame) -> list[str]:
     train = df["label"][df["split"].eq("train")] if "split" in df.columns else df["label"]
     labels = train if train.notna().any() else df["label"]
     return sorted(labels.dropna().astype(str).unique().tolist())
+
+
+SPLIT_ROLE = {
+    "train": "the classifier is fitted on train",
+    "val": "the epoch is picked by val AUROC",
+    "test": "without test there is nothing to report the classifier's performance on",
+}
+_LEARNABLE = "task_learnable"
+
+
+def _sorted_classes(labels: Iterable[str]) -> list[str]:
+    """Ordered as :func:`retfm.training.adapt.task_classes` does: numerically when all are."""
+    names = sorted(set(labels))
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return names
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def _lines(df: pd.DataFrame, mask: pd.Series, max_rows: int) -> list[int]:
+    if ROW_COLUMN not in df.columns:
+        return []
+    return [int(r) for r in df.loc[mask, ROW_COLUMN].head(max_rows)]
+
+
+def task_learnability(df: pd.DataFrame, task: str, max_rows: int = 5) -> list[Failure]:
+    """Why a task table cannot be adapted as given, in the researcher's words; [] when it can.
+
+    The conditions of :func:`retfm.training.adapt._check_task` (the adapt stage), checked at
+    validation so they stop the pipeline before anything is trained: every split non-empty,
+    at least two classes, every class present in train (a class the classifier never sees
+    cannot be learned), at least two classes in val (the epoch is picked by val AUROC). Also
+    patients with images in more than one split. Vectorised: one crosstab and one groupby.
+    """
+    if not {"label", "split"} <= set(df.columns):
+        return []
+    label, split = df["label"].astype("str"), df["split"].astype("str")
+    counts = pd.crosstab(label, split).reindex(columns=list(schema.SPLITS), fill_value=0)
+    failures: list[Failure] = []
+
+    def fail(column: str, message: str, mask: pd.Series | None = None) -> None:
+        rows = _lines(df, mask, max_rows) if mask is not None else []
+        values = df.loc[mask, column].astype("str").head(len(rows)).tolist() if rows else []
+        count = int(mask.sum()) if mask is not None else None
+        failures.append(Failure(_LEARNABLE, column, count, rows, values, message=message))
+
+    for name in schema.SPLITS:
+        if counts[name].sum() == 0:
+            fail(
+                "split",
+                f"task {task}: split {name!r} has no images; adaptation needs train, val and "
+                f"test ({SPLIT_ROLE[name]}). Give some patients split {name!r}.",
+            )
+    classes = _sorted_classes(counts.index)
+    if len(classes) < 2:
+        fail(
+            "label",
+            f"task {task}: one class only ({classes}); a classifier needs at least 2 classes.",
+        )
+    for cls in classes:
+        if counts.at[cls, "train"] == 0:
+            elsewhere = [
+                f"{counts.at[cls, s]} in {s!r}" for s in ("val", "test") if counts.at[cls, s]
+            ]
+            fail(
+                "label",
+                f"task {task}: class {cls!r} has 0 images in split 'train' but "
+                f"{' and '.join(elsewhere)}; the classifier cannot learn it. Move some of its "
+                "patients into train or drop the class.",
+                label.eq(cls),
+            )
+    in_val = counts.index[counts["val"] > 0].tolist()
+    if len(in_val) == 1:
+        only = in_val[0]
+        fail(
+            "label",
+            f"task {task}: split 'val' holds one class only ({only!r}, "
+            f"{_images(counts.at[only, 'val'])}); picking the epoch by validation AUROC needs at "
+            "least 2 classes there. Move patients of another class into val.",
+            split.eq("val"),
+        )
+    if "patient_id" in df.columns:
+        per_patient = df.groupby("patient_id", dropna=False)["split"].transform("nunique")
+        leaking = per_patient.gt(1)
+        if leaking.any():
+            first = df.loc[leaking, "patient_id"].iloc[0]
+            mine = df[df["patient_id"].eq(first)].drop_duplicates("split")
+            lines = mine[ROW_COLUMN] if ROW_COLUMN in mine.columns else [None] * len(mine)
+            where = " and ".join(
+                f"{s!r} (line {r})" if r is not None else repr(s)
+                for s, r in zip(mine["split"], lines, strict=True)
+            )
+            fail(
+                "patient_id",
+                f"task {task}: {df.loc[leaking, 'patient_id'].nunique()} patient(s) have "
+                f"images in more than one split, e.g. patient {first!r} in {where}; the "
+                "classifier would be tested on patients it was trained or tuned on. Keep each "
+                "patient's images in one split.",
+                leaking,
+            )
+    return failures
 
 
 def with_split_leakage(df: pd.DataFrame) -> pd.DataFrame:
