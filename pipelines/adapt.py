@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 import typer
+from mlflow.entities import Metric
 from safetensors.torch import save_file
 
 from retfm import tracking
@@ -48,7 +49,7 @@ def main(name: str, task: str) -> None:
     client = tracking.configure(settings)
     fm_version = recorded_version(client, registration)
     encoder, _, prep, _ = load_encoder(weights)
-    features = extract_features(encoder, prep, images) if cfg.method == "linear_probe" else None
+    features = extract_features(encoder, prep, images) if cfg.method == "mae_linprobe" else None
     parent = tracking.study_parent_run(settings)
     out = outputs / "adapt" / fm.name / task
     out.mkdir(parents=True, exist_ok=True)
@@ -90,14 +91,17 @@ def main(name: str, task: str) -> None:
                 }
             )
             mlflow.log_params({"seed": seed, "classes": ",".join(result.classes)})
-            for epoch, score in enumerate(result.val_scores):
-                mlflow.log_metric("val_auroc", float(score), step=epoch)
+            _log_history(tracking.configure(settings), active.info.run_id, result.history)
             mlflow.log_metrics(
-                {"best_val_auroc": result.best_val_auroc, "best_epoch": result.best_epoch}
+                {
+                    "best_val_score": result.best_val_score,
+                    "best_val_auroc": result.best_val_auroc,
+                    "best_epoch": result.best_epoch,
+                }
             )
             run_ids[str(seed)] = active.info.run_id
         frames.append(result.predictions.assign(seed=seed))
-        if best is None or result.best_val_auroc > best[1].best_val_auroc:
+        if best is None or result.best_val_score > best[1].best_val_score:
             best = (seed, result)
     client.set_terminated(parent, "FINISHED")  # the study's parent ends with its last child
     predictions = pd.concat(frames, ignore_index=True)
@@ -123,9 +127,21 @@ def main(name: str, task: str) -> None:
         },
     )
     print(
-        f"adapt {fm.label} -> {task}: {len(cfg.seeds)} seeds, best val AUROC "
-        f"{best[1].best_val_auroc:.3f} (seed {best[0]})"
+        f"adapt {fm.label} -> {task}: {len(cfg.seeds)} seeds ({cfg.method}), best val AUROC "
+        f"{best[1].best_val_auroc:.3f}, score {best[1].best_val_score:.3f} (seed {best[0]})"
     )
+
+
+#: Per-epoch curves of an adaptation run, as MLflow metrics (step = epoch).
+CURVES = ("train_loss", "val_loss", "val_auroc", "val_f1", "val_kappa", "val_score", "lr")
+
+
+def _log_history(client, run_id: str, history: list[dict[str, float]]) -> None:  # noqa: ANN001
+    now = mlflow.utils.time.get_current_time_millis()
+    rows = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in history for k in CURVES
+            if k in h]  # fmt: skip
+    for start in range(0, len(rows), 1000):
+        client.log_batch(run_id, metrics=rows[start : start + 1000])
 
 
 def _register_classifier(

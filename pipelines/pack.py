@@ -1,5 +1,10 @@
 """Stages pack_cohort@<site> and pack_task@<task>: decode and resize every image once into
-memory-mapped uint8 shards, so that no epoch decodes a PNG again."""
+memory-mapped uint8 shards, so that no epoch decodes a PNG again.
+
+A cohort is packed at the model's input size S (pre-training crops from the whole image); a
+downstream task at RETFound's evaluation size (``eval_resize(S)``: 256 for 224), so that its
+centre S x S is exactly RETFound's evaluation view and fine-tuning's random crops have the
+margin they have in RETFound."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import shutil
 import pandas as pd
 import typer
 
-from retfm.data.shards import CARD, pack_images
+from retfm.data.shards import CARD, eval_resize, pack_images
 from retfm.settings import load_settings
 from retfm.stage import stage
 
@@ -25,18 +30,19 @@ def main(kind: str, name: str) -> None:
     else:
         meta = pd.read_parquet(outputs / "validation" / "tasks" / f"{name}.parquet")
         root = data / "tasks" / name
+    size = settings.pack.image_size if kind == "cohort" else eval_resize(settings.pack.image_size)
     packed = pack_images(
         meta,
         root,
         outputs / "packed" / f"{kind}s" / name,
-        image_size=settings.pack.image_size,
+        image_size=size,
         shard_size=settings.pack.shard_size,
         workers=settings.validation.workers,
         fundus_crop=settings.pack.fundus_crop,
     )
     if kind == "cohort":  # the cohort's data card travels with its images to the FM
         shutil.copyfile(outputs / "cohorts" / name / "card" / "card.json", packed.folder / CARD)
-    print(f"packed {kind} {name}: {len(packed)} images at {settings.pack.image_size}px")
+    print(f"packed {kind} {name}: {len(packed)} images at {size}px")
 
 
 if __name__ == "__main__":

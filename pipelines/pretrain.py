@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -46,11 +47,8 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
     outputs = settings.paths.outputs
     images = PackedSet(fm.source)
     arch, cfg = settings.model.arch, settings.pretrain
-    prep = (
-        Preprocessing(arch.img_size, tuple(images.mean), tuple(images.std))
-        if cfg.normalisation == "cohort"
-        else Preprocessing(arch.img_size)
-    )
+    stats = (tuple(images.mean), tuple(images.std)) if cfg.normalisation == "cohort" else ()
+    prep = Preprocessing.retfound(arch.img_size, *stats, fundus_crop=settings.pack.fundus_crop)
     ckpt_dir = outputs / "checkpoints" / "pretrain" / fm.name / images.fingerprint[:16]
     rank = int(os.environ.get("RANK", "0"))
     recipe_hash = settings.digest("model", "pretrain")
@@ -134,6 +132,7 @@ def _import_released(settings: Settings, fm: FM, out: Path) -> None:
         path, fm.recipe, img_size=settings.pack.image_size, num_heads=fm.num_heads
     )
     spec = imported.spec
+    prep = replace(imported.prep, fundus_crop=settings.pack.fundus_crop)
     weights_sha = sha256_file(path)
     recipe = f"released-retfound-{fm.recipe}"
     arch = spec.model_dump_json(exclude={"img_size"})
@@ -143,7 +142,7 @@ def _import_released(settings: Settings, fm: FM, out: Path) -> None:
         out / "encoder.safetensors",
         imported.encoder,
         spec,
-        imported.prep,
+        prep,
         {"imported_from": path.name, "source.sha256": weights_sha},
     )
     (out / "history.csv").write_text("step,epoch,loss,lr\n")
@@ -191,7 +190,7 @@ def _import_released(settings: Settings, fm: FM, out: Path) -> None:
                 "final_loss": None,
                 "recipe": recipe,
                 "recipe_hash": recipe_hash,
-                "preprocessing": imported.prep.to_json(),
+                "preprocessing": prep.to_json(),
                 "cohort_fingerprint": "imported",
                 "imported_from": str(path),
             },

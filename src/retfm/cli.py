@@ -120,30 +120,39 @@ def import_folder(
 @app.command("import-checkpoint")
 def import_checkpoint_cmd(
     path: Path,
-    kind: Annotated[str, typer.Option(help="mae (RETFound MAE) or dinov2")],
-    out: Annotated[Path, typer.Option(help="folder for encoder.onnx (+ encoder.safetensors)")],
+    kind: Annotated[str, typer.Option(help="mae (RETFound MAE) or dinov2 (RETFound DINOv2)")],
+    out: Annotated[Path, typer.Option(help="folder for encoder.safetensors + encoder.onnx")],
+    img_size: Annotated[
+        int | None, typer.Option(help="input size (position embeddings interpolated to it)")
+    ] = None,
+    num_heads: Annotated[
+        int | None, typer.Option(help="only for a non-standard ViT that records no head count")
+    ] = None,
 ) -> None:
-    """Import a released RETFound checkpoint without running pickled code: ONNX (parity-checked)
-    and, for MAE, a retfm encoder that `pretrain.imported` can use as a site FM."""
-    from retfm.models.checkpoints import import_checkpoint, import_mae
+    """Check a released RETFound checkpoint without running pickled code: read its
+    architecture, refuse non-finite weights, write a retfm encoder and its ONNX export
+    (parity-checked). In a study, name the checkpoint as an FM's source in params.yaml."""
+    from retfm.models.checkpoints import import_encoder
     from retfm.models.encoder import save_encoder
     from retfm.models.onnx_export import export_onnx, onnx_parity
 
     if kind not in ("mae", "dinov2"):
         _fail(f"--kind must be mae or dinov2, got {kind!r}")
     try:
-        encoder, prep = import_checkpoint(path, kind)  # type: ignore[arg-type]
+        imported = import_encoder(path, kind, img_size=img_size, num_heads=num_heads)  # type: ignore[arg-type]
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     out.mkdir(parents=True, exist_ok=True)
-    if kind == "mae":
-        encoder, arch, prep = import_mae(path)
-        save_encoder(out / "encoder.safetensors", encoder, arch, prep, {"imported_from": path.name})
-    onnx_path = export_onnx(encoder, prep, out / "encoder.onnx")
-    parity = onnx_parity(encoder, onnx_path)
-    typer.echo(f"{path} ({kind}, {prep.img_size}px) -> {out}; ONNX parity {parity:.2e}")
-    if kind == "mae":
-        typer.echo(f"use it as a site FM: params.yaml pretrain.imported: {{<site>: {path}}}")
+    save_encoder(out / "encoder.safetensors", imported.encoder, imported.spec, imported.prep,
+                 {"imported_from": path.name})  # fmt: skip
+    onnx_path = export_onnx(imported.encoder, imported.prep, out / "encoder.onnx")
+    parity = onnx_parity(imported.encoder, onnx_path)
+    typer.echo(f"{path}: {imported.describe()}")
+    typer.echo(f"-> {out}/encoder.safetensors, encoder.onnx (ONNX parity {parity:.2e})")
+    typer.echo(
+        "use it in a study: params.yaml study.fms: {"
+        f"{kind}-<site>: {{site: <site>, recipe: {kind}, source: {path}}}}}"
+    )
 
 
 def _registry(params: Path):  # noqa: ANN202 - (settings, client) pair
@@ -205,7 +214,7 @@ def rollback(model: str, params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="images, folders, or a CSV with 'path'")],
-    model: Annotated[str, typer.Option(help="e.g. models:/fm-hospital@champion")],
+    model: Annotated[str, typer.Option(help="e.g. models:/fm-mae-hospital@champion")],
     out: Annotated[Path, typer.Option(help="output .csv or .parquet")] = Path("predictions.csv"),
     batch_size: int = 64,
     int8: Annotated[
@@ -313,14 +322,18 @@ def calibrate(
 def _study_design(settings):  # noqa: ANN001, ANN202
     from retfm.evaluation.analysis import read_adaptations
     from retfm.evaluation.simulation import design_from_predictions
+    from retfm.fms import fm_recipes, fm_sites, study_fms
 
+    fms = study_fms(settings)
     try:
         preds, task_sites = read_adaptations(
-            settings.paths.outputs, settings.study.sites, settings.study.tasks
+            settings.paths.outputs, [fm.name for fm in fms], settings.study.tasks
         )
     except FileNotFoundError as err:
         _fail(str(err))
-    return design_from_predictions(preds, {fm: fm for fm in settings.study.sites}, task_sites)
+    return design_from_predictions(
+        preds, fm_sites(fms), task_sites, fm_recipes=fm_recipes(fms)
+    )
 
 
 @app.command()

@@ -37,7 +37,7 @@ class FM:
         return f"fm-{self.name}"
 
     def classifier_name(self, task: str) -> str:
-        """The registry model of its classifier for ``task``: ``clf-hospital_dr-fm-mae-hospital``."""
+        """Its classifier's registry model: ``clf-hospital_dr-fm-mae-hospital``."""
         return f"clf-{task}-{self.model_name}"
 
     def aligned_with(self, task_site: str) -> bool:

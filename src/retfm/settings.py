@@ -184,19 +184,28 @@ class PretrainSettings(_Frozen):
 
 
 class AdaptSettings(_Frozen):
-    method: Literal["linear_probe", "finetune"] = "linear_probe"
+    """RETFound's adaptation recipe (``main_finetune.py`` defaults), see retfm.training.adapt."""
+
+    # finetune: RETFound; retfound_lp: RETFound's --adaptation lp; mae_linprobe: MAE's probe
+    method: Literal["finetune", "retfound_lp", "mae_linprobe"] = "finetune"
+    selection: Literal["retfound", "auroc"] = "retfound"  # (F1 + AUROC + kappa) / 3, or AUROC
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 50
+    batch_size: PositiveInt = 16
     base_lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    probe_base_lr: float = Field(0.1, gt=0)
+    probe_base_lr: float = Field(0.1, gt=0)  # mae_linprobe only (MAE's main_linprobe.py)
     probe_weight_decay: float = Field(0.0, ge=0)
-    warmup_epochs: Annotated[int, Field(ge=0)] = 3
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10
     layer_decay: float = Field(0.65, gt=0, le=1)
     drop_path: Fraction = 0.2
-    label_smoothing: Fraction = 0.1
+    label_smoothing: Fraction = 0.0
     min_lr: float = Field(1e-6, ge=0)
+    # RETFound's training transforms (timm create_transform); "" turns RandAugment off
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: Fraction = 0.25
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    recount: PositiveInt = 1
 
 
 Factor = Literal["age", "sex", "ethnicity"]
@@ -368,6 +377,12 @@ def _check_replaced(raw: dict[str, Any], source: Path) -> None:
         section, key = dotted.split(".", 1)
         if isinstance(raw.get(section), dict) and key in raw[section]:
             lines.append(f"  {dotted}: no longer a setting: {hint}")
+    adapt = raw.get("adapt")
+    if isinstance(adapt, dict) and adapt.get("method") == "linear_probe":
+        lines.append(
+            "  adapt.method: 'linear_probe' is now named for its source: mae_linprobe (MAE's "
+            "BatchNorm + Linear probe); RETFound's --adaptation lp is retfound_lp"
+        )
     study = raw.get("study")
     if isinstance(study, dict) and "fms" not in study and study.get("sites"):
         sites = study["sites"]

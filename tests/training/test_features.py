@@ -56,7 +56,7 @@ def test_features_ignore_drop_path(tmp_path: Path) -> None:
 
 
 def test_wrong_size_or_empty_source_raises(encoder: nn.Module) -> None:
-    with pytest.raises(ValueError, match="encoder img_size 16"):
+    with pytest.raises(ValueError, match="view size 16"):
         extract_features(encoder, PREP, random_images(3, size=24), progress=False)
     with pytest.raises(ValueError, match="empty"):
         extract_features(encoder, PREP, ArrayImages(np.zeros((0, 16, 16, 3), np.uint8)))

@@ -82,3 +82,22 @@ def test_a_link_out_of_the_folder_is_an_error_naming_its_target(tmp_path, png):
         target = os.path.realpath(outside)
         assert found["detail"].iloc[0] == f"a symbolic link leads to {target}, outside {root}"
     assert check_images(root, ["images/in.png"], min_side=32, decode=False).empty
+
+
+def test_links_into_the_projects_dvc_cache_are_fine(tmp_path, png):
+    """With ``dvc config cache.type symlink`` every tracked image is a link into .dvc/cache:
+    outside the CSV's folder, but the project's own content-addressed copy."""
+    import subprocess
+    import sys
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    png(tmp_path / "data" / "site" / "images" / "a.png")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"],
+                [dvc, "config", "cache.type", "symlink"], [dvc, "add", "-q", "data"]):  # fmt: skip
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    linked = tmp_path / "data" / "site" / "images" / "a.png"
+    assert linked.is_symlink() and ".dvc/cache" in os.path.realpath(linked)
+    assert check_images(tmp_path / "data" / "site", ["images/a.png"], min_side=32).empty
+    (tmp_path / "data" / "site" / "images" / "b.png").symlink_to(tmp_path / "elsewhere.png")
+    found = check_images(tmp_path / "data" / "site", ["images/b.png"], min_side=32)
+    assert found["problem"].tolist() == ["outside_folder"]

@@ -51,6 +51,14 @@ _FUNDUS_DRAFT = 2
 _Task = tuple[int, str, str, int, bool]
 
 
+def eval_resize(img_size: int) -> int:
+    """RETFound's evaluation resize (``util/datasets.build_transform``): the shorter side goes
+    to ``int(img_size / crop_pct)`` with ``crop_pct = 224 / 256`` up to 224 px (1 above), then
+    the centre ``img_size`` square is cropped: 224 -> 256, 64 -> 73, 256 -> 256."""
+    crop_pct = 224 / 256 if img_size <= 224 else 1.0
+    return int(img_size / crop_pct)
+
+
 class PackError(ValueError):
     """An image could not be packed (the message names the file and its metadata row)."""
 

@@ -440,7 +440,7 @@ def import_encoder(
         state["fc_norm.bias"] = torch.zeros(spec.embed_dim)
     _load_strict(encoder, state, path)
     encoder.eval()
-    prep = Preprocessing(img_size=spec.img_size)  # ImageNet statistics, as RETFound uses
+    prep = Preprocessing.retfound(spec.img_size)  # ImageNet statistics, as RETFound uses
     return ImportedEncoder(encoder, spec, prep, layout, heads_from, source_size, dropped)
 
 

@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from retfm.data.shards import eval_resize
 from retfm.settings import ModelPreset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,12 +35,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw uint8 RGB images become encoder input: resize/crop to ``img_size``, then
-    ``(x / 255 - mean) / std`` per channel. Stored beside the weights so inference never guesses."""
+    """How raw uint8 RGB images become encoder input, stored beside the weights so inference
+    never guesses: crop a fundus photo to its field of view and pad it square
+    (``fundus_crop``, :mod:`retfm.data.fundus`), resize the shorter side to ``resize`` (bicubic)
+    and crop the centre ``img_size`` square (RETFound's evaluation view, :func:`eval_resize`),
+    then ``(x / 255 - mean) / std`` per channel. Downstream task images are packed at
+    ``resize``; :meth:`center_crop` takes the view from them."""
 
     img_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize: int = 0  # 0: img_size (no margin: files written before the RETFound view)
+    fundus_crop: bool = False
+
+    @classmethod
+    def retfound(
+        cls,
+        img_size: int,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        *,
+        fundus_crop: bool = False,
+    ) -> Preprocessing:
+        """RETFound's evaluation view at ``img_size`` (resize to :func:`eval_resize`)."""
+        return cls(img_size, mean, std, eval_resize(img_size), fundus_crop)
+
+    @property
+    def view_size(self) -> int:
+        """The side images are packed at before the centre crop."""
+        return self.resize or self.img_size
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -46,7 +71,25 @@ class Preprocessing:
     @classmethod
     def from_json(cls, text: str) -> Preprocessing:
         raw = json.loads(text)
-        return cls(img_size=int(raw["img_size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]))
+        return cls(
+            img_size=int(raw["img_size"]),
+            mean=tuple(raw["mean"]),
+            std=tuple(raw["std"]),
+            resize=int(raw.get("resize", 0)),
+            fundus_crop=bool(raw.get("fundus_crop", False)),
+        )
+
+    def center_crop(self, images_uint8: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) -> the centre (B, S, S, 3), offsets as torchvision's ``CenterCrop``;
+        images already at ``img_size`` are returned as they are."""
+        h, w = images_uint8.shape[1:3]
+        s = self.img_size
+        if (h, w) == (s, s):
+            return images_uint8
+        if h < s or w < s:
+            raise ValueError(f"images of {h}x{w} px are smaller than the {s} px input")
+        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+        return images_uint8[:, top : top + s, left : left + s]
 
     def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, normalised."""
@@ -54,6 +97,11 @@ class Preprocessing:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+    def eval_batch(self, images_uint8: np.ndarray) -> torch.Tensor:
+        """Packed (B, P, P, 3) uint8 -> the normalised centre view (B, 3, S, S)."""
+        view = np.ascontiguousarray(self.center_crop(images_uint8))
+        return self.normalise(torch.from_numpy(view))
 
 
 class EncoderSpec(BaseModel):

@@ -8,6 +8,7 @@ Runtime runs on CUDA when present, else on the CPU. An unreadable image becomes 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class OnnxModel:
         if "preprocessing" not in meta:
             raise ValueError(f"{model_uri}: no preprocessing in the model metadata")
         raw = meta["preprocessing"]
-        prep = Preprocessing(int(raw["img_size"]), tuple(raw["mean"]), tuple(raw["std"]))
+        prep = Preprocessing.from_json(json.dumps(raw))
         onnx_file = local / flavor["data"]
         if int8:
             from retfm.models.quantize import quantize_onnx
@@ -99,7 +100,8 @@ def predict_files(
         images, good = [], []
         for path in chunk:
             try:
-                images.append(load_image(path, model.prep.img_size))
+                image = load_image(path, model.prep.view_size, fundus_crop=model.prep.fundus_crop)
+                images.append(model.prep.center_crop(image[None])[0])
                 good.append(path)
             except Exception as err:  # noqa: BLE001 - any decode failure is reported per file
                 rows.append({"path": str(path), "status": f"unreadable: {err}"})

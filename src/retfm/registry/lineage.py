@@ -112,13 +112,14 @@ def model_card(
         data_lines = [
             f"- site: {fm.site}; pre-trained elsewhere: its pre-training data are described by "
             "its release",
-            f"- checkpoint sha256: `{tags.get('source.sha256', (data_card or {}).get('checkpoint', {}).get('sha256'))}`",
+            f"- checkpoint sha256: `{(data_card or {}).get('checkpoint', {}).get('sha256')}`",
         ]
     else:
         data_lines = [
             f"- site: {fm.site}; cohort images: {size.get('images', 'n/a')}; "
             f"patients: {size.get('patients', 'n/a')}",
-            f"- raw data DVC md5: `{tags.get('data.md5')}`; cohort DVC md5: `{tags.get('cohort.md5')}`",
+            f"- raw data DVC md5: `{tags.get('data.md5')}`; "
+            f"cohort DVC md5: `{tags.get('cohort.md5')}`",
         ]
     lines = [
         f"# Model card: {name} ({fm.label})",

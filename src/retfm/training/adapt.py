@@ -1,20 +1,29 @@
-"""Adapt a pre-trained FM encoder to one downstream task, for one seed (RETFound recipe).
+"""Adapt a pre-trained FM encoder to one downstream task, for one seed (RETFound's recipe).
 
-Two methods, one contract:
+Three methods (``adapt.method``), one contract:
 
-- ``linear_probe``: the encoder stays frozen; a BatchNorm(affine=False) + Linear head (MAE/RETFound
-  linear probing) is trained on features computed once. Optimiser: AdamW (not MAE's LARS) with
-  MAE's linear-probe recipe, ``probe_base_lr`` (0.1) and ``probe_weight_decay`` (0): the
-  fine-tuning base_lr (5e-3) leaves a probe under-fitted (measured on the demo: test AUROC 0.70
-  vs 0.81 on screening_dr).
-- ``finetune``: the whole ViT plus a fresh head, AdamW with layer-wise lr decay
-  (``timm.optim.create_optimizer_v2``), drop path, light flip/crop augmentation.
+- ``finetune`` (RETFound ``main_finetune.py``): the whole ViT plus a fresh Linear head
+  (``trunc_normal(std=2e-5)``), AdamW with layer-wise lr decay
+  (``timm.optim.create_optimizer_v2``), drop path, RETFound's training transforms
+  (:mod:`retfm.training.transforms`: random resized crop, flip, RandAugment, random erasing).
+- ``retfound_lp`` (RETFound ``--adaptation lp``): the same recipe with every encoder weight
+  frozen (only ``head.*`` trains; drop path stays active, as in RETFound, which trains in
+  ``model.train()`` mode); its head is a plain Linear on the pooled features.
+- ``mae_linprobe`` (MAE ``main_linprobe.py``): a BatchNorm(affine=False) + Linear head on
+  features computed once on the evaluation view, with MAE's probe settings
+  ``probe_base_lr`` (0.1) and ``probe_weight_decay`` (0). Departures, for speed: AdamW instead of
+  LARS, and no augmentation (MAE's probe crops and flips), so every seed trains on one cached
+  (N, D) matrix in milliseconds.
 
-Both: effective lr = base_lr x batch / 256; linear warm-up for ``warmup_epochs`` then cosine to
-``min_lr``, set every iteration (``timm.scheduler.CosineLRScheduler``); label smoothing; the epoch
-with the best validation AUROC (macro one-vs-rest; ties go to the lower validation loss) is kept in
-memory and the test split is predicted once, with it. Everything random (head init, drop path,
-shuffles, augmentation) derives from ``seed``; the caller's global RNG state is left untouched.
+All: effective lr = base_lr x batch / 256; linear warm-up for ``warmup_epochs`` then cosine to
+``min_lr``, set every iteration (``timm.scheduler.CosineLRScheduler``); cross-entropy (label
+smoothing ``label_smoothing``, 0 as current RETFound); after each epoch the validation split
+is scored and the selected epoch (``adapt.selection``) is kept in memory; the test split is
+predicted once, with it. ``retfound`` selection is RETFound's (``engine_finetune.evaluate``):
+the mean of macro F1, macro one-vs-rest AUROC and Cohen's kappa of the argmax predictions,
+the earliest epoch among equal scores (:func:`retfound_score`); ``auroc`` selects on macro
+AUROC, ties to the lower validation loss. Everything random (head init, drop path, shuffles,
+augmentation) derives from ``seed``; the caller's global RNG state is left untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
+from sklearn.metrics import cohen_kappa_score, f1_score
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -41,15 +51,12 @@ from retfm.data.images import ImageSource
 from retfm.models.classifier import Classifier, probe_head
 from retfm.models.encoder import Preprocessing, build_encoder, load_encoder
 from retfm.settings import AdaptSettings
+from retfm.training import transforms
 from retfm.training.features import extract_features
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("image_id", "patient_id", "label", "split")
 METADATA_COLUMNS = ("age", "sex", "ethnicity")
-# Light augmentation for fine-tuning on small sets: crops keep 70-100% of the image area with a
-# mild aspect change, so lesions near the border mostly stay in view.
-CROP_AREA = (0.7, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
 # RETFound initialises the fine-tuning head almost at zero so the first steps barely move the
 # pre-trained encoder.
 FINETUNE_HEAD_STD = 2e-5
@@ -61,8 +68,9 @@ class AdaptResult:
 
     ``predictions``: one row per test image: image_id, patient_id, y_true (class index),
     prob_0..prob_{K-1}, then age/sex/ethnicity where the task has them. ``val_scores[e]`` is the
-    validation AUROC after epoch ``e`` (epochs count from 0); ``history[e]`` adds train/val loss
-    and the lr at the end of that epoch. ``classifier`` holds the selected epoch's weights.
+    validation score the selection reads after epoch ``e`` (epochs count from 0); ``history[e]``
+    adds train/val loss, val AUROC, F1, kappa and the lr at the end of that epoch.
+    ``classifier`` holds the selected epoch's weights.
     """
 
     method: str
@@ -71,9 +79,13 @@ class AdaptResult:
     predictions: pd.DataFrame
     val_scores: list[float]
     best_epoch: int
-    best_val_auroc: float
+    best_val_score: float
     history: list[dict[str, float]]
     classifier: Classifier = field(repr=False)
+
+    @property
+    def best_val_auroc(self) -> float:
+        return self.history[self.best_epoch]["val_auroc"]
 
 
 @dataclass(frozen=True)
@@ -187,8 +199,27 @@ def _epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[np
         yield order[start : start + size]
 
 
-def _select(history: list[dict[str, float]]) -> int:
-    """Best validation AUROC; among equal AUROCs, the lower validation loss."""
+def retfound_score(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """RETFound's validation score (``engine_finetune.evaluate``): (F1 + AUROC + kappa) / 3 with
+    F1 macro over every class of the argmax predictions (``zero_division=0``), AUROC the macro
+    one-vs-rest AUROC of the probabilities and kappa Cohen's (unweighted) of the argmax.
+    y: (N,) class index; probs: (N, K). A class absent from ``y`` has no AUROC and is left out
+    of the mean (RETFound's sklearn call would give NaN and never select that epoch)."""
+    pred = probs.argmax(axis=1)
+    f1 = float(f1_score(y, pred, labels=list(range(probs.shape[1])), average="macro",
+                        zero_division=0))  # fmt: skip
+    auroc = macro_auroc(y, probs)
+    kappa = float(cohen_kappa_score(y, pred)) if np.unique(np.r_[y, pred]).size > 1 else 0.0
+    return {"f1": f1, "auroc": auroc, "kappa": kappa, "score": (f1 + auroc + kappa) / 3}
+
+
+def _select(history: list[dict[str, float]], selection: str = "retfound") -> int:
+    """The selected epoch. ``retfound``: the highest score, the earliest among equals
+    (RETFound saves a checkpoint only when the score beats the best so far). ``auroc``: the
+    best validation AUROC, the lower validation loss among equals."""
+    if selection == "retfound":
+        scores = [h["val_score"] for h in history]
+        return int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))
     keys = [(-h["val_auroc"], h["val_loss"]) for h in history]
     return min(range(len(keys)), key=keys.__getitem__)
 
@@ -210,10 +241,12 @@ def _predictions(meta: pd.DataFrame, task: _Task, probs: np.ndarray) -> pd.DataF
     return out
 
 
-def _val_metrics(logits: torch.Tensor, y: np.ndarray) -> tuple[float, float, np.ndarray]:
+def _val_metrics(logits: torch.Tensor, y: np.ndarray) -> dict[str, float]:
     probs = logits.softmax(-1).double().cpu().numpy()
     loss = F.cross_entropy(logits.float().cpu(), torch.from_numpy(y)).item()
-    return macro_auroc(y, probs), loss, probs
+    scores = retfound_score(y, probs)
+    return {"val_loss": loss, "val_auroc": scores["auroc"], "val_f1": scores["f1"],
+            "val_kappa": scores["kappa"], "val_score": scores["score"]}  # fmt: skip
 
 
 @contextmanager
@@ -263,11 +296,13 @@ def adapt(
         raise FileNotFoundError(f"{encoder_path}: no such encoder file (expected .safetensors)")
     task = _check_task(meta, len(images))
     dev = _device(device)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), transforms.seeded(
+        seed
+    ):
         torch.manual_seed(seed)
-        encoder, arch, prep, _ = load_encoder(Path(encoder_path))  # its init draws random numbers
+        encoder, spec, prep, _ = load_encoder(Path(encoder_path))
         gen = torch.Generator().manual_seed(seed)
-        if cfg.method == "linear_probe":
+        if cfg.method == "mae_linprobe":
             if features is None:
                 features = extract_features(encoder, prep, images, progress=progress, device=dev)
             elif features.shape[0] != len(meta):
@@ -279,20 +314,24 @@ def adapt(
                     encoder, prep, features, task, cfg, gen, dev, progress
                 )
         else:
-            vit = build_encoder(arch, num_classes=len(task.classes), drop_path=cfg.drop_path)
+            vit = build_encoder(spec, num_classes=len(task.classes), drop_path=cfg.drop_path)
             _load_pretrained(vit, encoder.state_dict(), encoder_path)
+            if cfg.method == "retfound_lp":  # RETFound: requires_grad = ("head" in name)
+                for name, param in vit.named_parameters():
+                    param.requires_grad_(name.startswith("head."))
             classifier, history, test_probs = _finetune(
                 vit, prep, images, task, cfg, gen, dev, progress
             )
-    best = _select(history)
+    best = _select(history, cfg.selection)
+    key = "val_score" if cfg.selection == "retfound" else "val_auroc"
     return AdaptResult(
         method=cfg.method,
         seed=seed,
         classes=task.classes,
         predictions=_predictions(meta, task, test_probs),
-        val_scores=[h["val_auroc"] for h in history],
+        val_scores=[h[key] for h in history],
         best_epoch=best,
-        best_val_auroc=history[best]["val_auroc"],
+        best_val_score=history[best][key],
         history=history,
         classifier=classifier,
     )
@@ -304,22 +343,22 @@ def _train_loop(
     n_train: int,
     gen: torch.Generator,
     step: Callable[[np.ndarray], torch.Tensor],
-    validate: Callable[[], tuple[float, float]],
+    validate: Callable[[], dict[str, float]],
     progress: bool,
 ) -> list[dict[str, float]]:
-    """The epoch loop both methods share: ``step(batch rows)`` -> loss, lr updated every
-    iteration, ``validate()`` -> (auroc, loss) after each epoch; ``model`` ends holding the
-    selected epoch's weights."""
+    """The epoch loop every method shares: ``step(batch rows)`` -> loss, lr updated every
+    iteration, ``validate()`` -> the validation metrics after each epoch; ``model`` ends
+    holding the selected epoch's weights."""
     batch = min(cfg.batch_size, n_train)
     steps_per_epoch = n_train // batch
-    probe = cfg.method == "linear_probe"
+    probe = cfg.method == "mae_linprobe"
     lr = (cfg.probe_base_lr if probe else cfg.base_lr) * batch / 256
-    optimizer = create_optimizer_v2(
+    optimizer = create_optimizer_v2(  # skips frozen parameters (retfound_lp: the head only)
         model,
         "adamw",
         lr=lr,
         weight_decay=cfg.probe_weight_decay if probe else cfg.weight_decay,
-        layer_decay=cfg.layer_decay if cfg.method == "finetune" else None,
+        layer_decay=None if probe else cfg.layer_decay,
     )
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     history: list[dict[str, float]] = []
@@ -339,17 +378,15 @@ def _train_loop(
             scheduler.step_update(updates)
             losses.append(loss.item())
         model.eval()
-        auroc, val_loss = validate()
         history.append(
             {
                 "epoch": float(epoch),
                 "train_loss": float(np.mean(losses)),
-                "val_loss": val_loss,
-                "val_auroc": auroc,
+                **validate(),
                 "lr": max(g["lr"] for g in optimizer.param_groups),
             }
         )
-        if _select(history) == epoch:
+        if _select(history, cfg.selection) == epoch:
             best_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return history
@@ -379,10 +416,9 @@ def _linear_probe(
         r = tr[torch.as_tensor(rows, device=dev)]
         return criterion(head(x[r]), y[r])
 
-    def validate() -> tuple[float, float]:
+    def validate() -> dict[str, float]:
         with torch.inference_mode():
-            auroc, loss, _ = _val_metrics(head(x[va]), task.y[task.idx["val"]])
-        return auroc, loss
+            return _val_metrics(head(x[va]), task.y[task.idx["val"]])
 
     history = _train_loop(head, cfg, len(tr), gen, step, validate, progress)
     with torch.inference_mode():
@@ -412,33 +448,6 @@ def _load_pretrained(
     nn.init.zeros_(head.bias)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip + small random resized crop, one affine resample per batch.
-
-    x: (B, 3, S, S) normalised -> (B, 3, S, S). Crop area in CROP_AREA, aspect in CROP_RATIO,
-    position uniform inside the image (no padding ever enters).
-    """
-    b = x.shape[0]
-
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(b, generator=gen)
-
-    area = uniform(*CROP_AREA)
-    ratio = torch.exp(uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
-    tx = (1 - w) * uniform(-1.0, 1.0)
-    ty = (1 - h) * uniform(-1.0, 1.0)
-    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = tx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def _predict_logits(
     vit: nn.Module,
     prep: Preprocessing,
@@ -447,11 +456,11 @@ def _predict_logits(
     batch_size: int,
     dev: torch.device,
 ) -> torch.Tensor:
-    """rows: (M,) -> (M, K) logits, in ``rows`` order."""
+    """rows: (M,) -> (M, K) logits on the evaluation view, in ``rows`` order."""
     out = []
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
-            batch = prep.normalise(torch.from_numpy(images.take(rows[start : start + batch_size])))
+            batch = prep.eval_batch(images.take(rows[start : start + batch_size]))
             out.append(vit(batch.to(dev)).float().cpu())
     return torch.cat(out)
 
@@ -470,17 +479,17 @@ def _finetune(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     train_rows = task.idx["train"]
     eval_batch = max(cfg.batch_size, 64)
+    augment = transforms.train_transform(prep, cfg)
 
     def step(batch: np.ndarray) -> torch.Tensor:
         rows = np.sort(train_rows[batch])  # sorted: memory-mapped shards read forward
-        x = augment(prep.normalise(torch.from_numpy(images.take(rows))).to(dev), gen)
+        x = transforms.train_batch(images.take(rows), augment).to(dev)
         return criterion(vit(x), torch.as_tensor(task.y[rows], device=dev))
 
-    def validate() -> tuple[float, float]:
+    def validate() -> dict[str, float]:
         rows = task.idx["val"]
         logits = _predict_logits(vit, prep, images, rows, eval_batch, dev)
-        auroc, loss, _ = _val_metrics(logits, task.y[rows])
-        return auroc, loss
+        return _val_metrics(logits, task.y[rows])
 
     history = _train_loop(vit, cfg, len(train_rows), gen, step, validate, progress)
     logits = _predict_logits(vit, prep, images, task.idx["test"], eval_batch, dev)

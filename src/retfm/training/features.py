@@ -28,11 +28,13 @@ def _check_size(images: ImageSource, prep: Preprocessing) -> None:
     if len(images) == 0:
         raise ValueError("images: the image source is empty; nothing to extract features from")
     first = images.take(np.array([0]))
-    expected = (1, prep.img_size, prep.img_size, 3)
-    if first.shape != expected or first.dtype != np.uint8:
+    sides = {prep.view_size, prep.img_size}
+    if first.dtype != np.uint8 or first.shape[3:] != (3,) or first.shape[1] != first.shape[2] \
+            or first.shape[1] not in sides:  # fmt: skip
         raise ValueError(
-            f"images: expected uint8 images of shape (S, S, 3) with S = encoder img_size "
-            f"{prep.img_size}, got {first.dtype} {first.shape[1:]} (pack the task at that size)"
+            f"images: expected uint8 images of shape (P, P, 3) with P = the encoder's view size "
+            f"{prep.view_size} (or its input size {prep.img_size}), got {first.dtype} "
+            f"{first.shape[1:]} (pack the task at that size)"
         )
 
 
@@ -47,7 +49,8 @@ def extract_features(
 ) -> np.ndarray:
     """Pooled, normed encoder features for every image, in source order.
 
-    images: N uint8 (S, S, 3) -> (N, D) float32, D = encoder embed_dim. The encoder is put in
+    images: N uint8 (P, P, 3), packed at the view size (the centre S x S is taken, RETFound's
+    evaluation view) -> (N, D) float32, D = encoder embed_dim. The encoder is put in
     eval mode (no drop path) and left there; ``device`` defaults to the encoder's own device.
     """
     _check_size(images, prep)
@@ -57,7 +60,7 @@ def extract_features(
     batches = _batches(len(images), batch_size)
     with torch.inference_mode():
         for idx in tqdm(batches, desc="features", disable=not progress, leave=False):
-            x = prep.normalise(torch.from_numpy(images.take(idx))).to(device)
+            x = prep.eval_batch(images.take(idx)).to(device)
             chunks.append(encode(encoder, x).float().cpu().numpy())
     return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
 
@@ -94,7 +97,7 @@ class OnnxFeatureExtractor:
         chunks = []
         batches = _batches(len(images), batch_size)
         for idx in tqdm(batches, desc="features", disable=not progress, leave=False):
-            x = self.prep.normalise(torch.from_numpy(images.take(idx))).numpy()
+            x = self.prep.eval_batch(images.take(idx)).numpy()
             (features,) = self.session.run(["features"], {"image": x})
             chunks.append(np.asarray(features, dtype=np.float32))
         return np.concatenate(chunks, axis=0)

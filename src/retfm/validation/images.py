@@ -6,7 +6,8 @@ read). The work is spread over a process pool in chunks, since decoding is CPU-b
 Problems (at most one error per image, the first in this order):
 
 - `outside_folder` (error): a symbolic link (the file, or a folder on its path) leads out of the
-  CSV's folder; the detail says where. A link that stays inside the folder is fine. The
+  CSV's folder; the detail says where. A link that stays inside the folder is fine, and so is
+  one into the project's DVC cache (``cache.type: symlink`` makes every tracked file one). The
   reader already refuses absolute and `..` paths, so after this check every image the later
   stages open (packing reads ``folder / path``) lies inside its data folder.
 - `missing` (error): no such file, or not a regular file.
@@ -54,8 +55,25 @@ def _real_folder(folder: str) -> str:
     return os.path.realpath(folder)
 
 
-def _outside(root: str, full: str) -> str | None:
-    """Where ``full`` really is, when a symbolic link takes it out of ``root``; else None.
+@functools.lru_cache(maxsize=64)
+def dvc_cache_dir(folder: str) -> str | None:
+    """The DVC cache of the project holding ``folder`` (its real path), or None outside one."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(Repo.find_root(folder)) as repo:
+            return os.path.realpath(str(repo.cache.legacy.path))
+    except Exception:  # noqa: BLE001 - not a DVC project, or no local cache
+        return None
+
+
+def _inside(real: str, top: str) -> bool:
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _outside(root: str, full: str, cache: str | None = None) -> str | None:
+    """Where ``full`` really is, when a symbolic link takes it out of ``root`` (and out of the
+    DVC cache ``cache``); else None.
 
     A folder's real path is resolved once per folder (per process); a file itself costs one
     ``lstat``, and a real-path resolution only when it is a link.
@@ -65,14 +83,16 @@ def _outside(root: str, full: str) -> str | None:
     real = os.path.join(_real_folder(folder), name)
     if os.path.islink(real):
         real = os.path.realpath(real)
-    if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+    if _inside(real, top) or (cache is not None and _inside(real, cache)):
         return None
     return real
 
 
-def _check_one(root: str, rel: str, min_side: int, decode: bool = True) -> list[Row]:
+def _check_one(
+    root: str, rel: str, min_side: int, decode: bool = True, cache: str | None = None
+) -> list[Row]:
     full = os.path.join(root, rel)
-    real = _outside(root, full)
+    real = _outside(root, full, cache)
     if real is not None:
         detail = f"a symbolic link leads to {real}, outside {root}"
         return [(rel, "outside_folder", ERROR, detail)]
@@ -112,8 +132,10 @@ def _check_one(root: str, rel: str, min_side: int, decode: bool = True) -> list[
     return []
 
 
-def _check_chunk(root: str, paths: Sequence[str], min_side: int, decode: bool = True) -> list[Row]:
-    return [row for rel in paths for row in _check_one(root, rel, min_side, decode)]
+def _check_chunk(
+    root: str, paths: Sequence[str], min_side: int, decode: bool = True, cache: str | None = None
+) -> list[Row]:
+    return [row for rel in paths for row in _check_one(root, rel, min_side, decode, cache)]
 
 
 def _pool_context() -> mp.context.BaseContext | None:
@@ -133,13 +155,16 @@ def check_images(
     root_str = str(root)
     paths = list(paths)
     _real_folder.cache_clear()  # links may have changed since the last call
+    cache = dvc_cache_dir(root_str)
     if workers <= 1 or len(paths) < _INLINE_BELOW:
-        rows = _check_chunk(root_str, paths, min_side, decode)
+        rows = _check_chunk(root_str, paths, min_side, decode, cache)
     else:
         size = max(64, math.ceil(len(paths) / (workers * 8)))
         chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
         n = len(chunks)
         with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-            parts = pool.map(_check_chunk, [root_str] * n, chunks, [min_side] * n, [decode] * n)
+            parts = pool.map(
+                _check_chunk, [root_str] * n, chunks, [min_side] * n, [decode] * n, [cache] * n
+            )
             rows = [row for part in parts for row in part]
     return pd.DataFrame(rows, columns=COLUMNS)
