@@ -117,6 +117,25 @@ def import_folder(
         )
 
 
+@app.command("stand-in-checkpoints")
+def stand_in_checkpoints(
+    out: Annotated[Path, typer.Argument(help="folder for the four .pth files")] = Path(
+        "checkpoints"
+    ),
+    full_size: Annotated[bool, typer.Option(help="ViT-L (1.2 GB each), not a small ViT")] = False,
+) -> None:
+    """Write RANDOM-weight stand-ins for the study's four released FMs, in their exact layouts
+    (RETFound_mae_meh/_shanghai: MAE; RETFound_dinov2_meh/_shanghai: DINOv2), so the four-FM
+    study (profile four-fms) runs before the real checkpoints are downloaded."""
+    from retfm.models.releases import write_stand_ins
+
+    setup_logging()
+    size = {"dim": 1024, "depth": 24, "heads": 16} if full_size else {}
+    for path in write_stand_ins(out, **size):
+        typer.echo(f"{path} (random weights, released layout)")
+    typer.echo("these are NOT the released weights: results on them measure nothing")
+
+
 @app.command("import-checkpoint")
 def import_checkpoint_cmd(
     path: Path,

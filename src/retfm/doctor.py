@@ -59,11 +59,23 @@ def _diff(recorded: Any, current: Any, path: str) -> Iterator[str]:
         yield f"{path}: dvc.lock has {recorded!r}, params.yaml {current!r}"
 
 
+def _pipeline_stages(root: Path) -> set[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {stage.addressing for stage in repo.index.stages}
+
+
 def check_params(root: Path) -> list[Finding]:
-    """Every stage in dvc.lock ran with the settings params.yaml holds now."""
+    """Every stage of the pipeline that dvc.lock records ran with the settings params.yaml holds
+    now. (Entries of stages no longer in dvc.yaml, e.g. after an FM was renamed, are left:
+    DVC keeps them and nothing reads them.)"""
     params = _yaml(root / "params.yaml") or {}
+    current = _pipeline_stages(root)
     out = []
     for stage, entry in _lock(root).items():
+        if stage not in current:
+            continue
         recorded = (entry.get("params") or {}).get("params.yaml", {})
         diffs = [d for name, value in recorded.items()
                  for d in _diff(value, _dotted(params, name), name)]  # fmt: skip

@@ -264,10 +264,14 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.pack.image_size != self.model.arch.img_size:
+        cohorts = (self.paths.outputs / "packed" / "cohorts").as_posix()
+        trained = [n for n, s in self.study.fms.items()
+                   if Path(s.source).as_posix() == f"{cohorts}/{s.site}"]  # fmt: skip
+        if trained and self.pack.image_size != self.model.arch.img_size:
             raise ValueError(
                 f"pack.image_size ({self.pack.image_size}) must equal the model preset's img_size "
-                f"({self.model.arch.img_size}, preset {self.model.preset!r})"
+                f"({self.model.arch.img_size}, preset {self.model.preset!r}), the input of the "
+                f"FMs pre-trained here ({', '.join(trained)}); imported FMs are interpolated to it"
             )
         if len(set(self.study.sites)) != len(self.study.sites):
             raise ValueError(f"study.sites has duplicates: {self.study.sites}")

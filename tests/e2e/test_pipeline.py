@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.e2e
 
-SITES = ("hospital", "screening")
+FMS = {"mae-hospital": "hospital", "mae-screening": "screening"}  # FM -> site
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,15 @@ def client(study) -> MlflowClient:
 
 
 def test_registry_holds_both_site_fms_as_runnable_onnx(study, client: MlflowClient) -> None:
-    for site in SITES:
-        version = client.get_model_version_by_alias(f"fm-{site}", "candidate")
+    for fm, site in FMS.items():
+        version = client.get_model_version_by_alias(f"fm-{fm}", "candidate")
         tags = version.tags
-        assert tags["fm.site"] == site
+        assert (tags["fm"], tags["fm.site"], tags["fm.recipe"]) == (fm, site, "mae")
+        assert tags["fm.source"] == "pretrained"
         assert float(tags["onnx.parity"]) <= 1e-4
         for key in ("data.md5", "cohort.md5", "git.commit", "params.hash", "recipe.hash"):
             assert tags[key] not in ("", "unknown", "untracked", "unlocked"), key
-        model = mlflow.pyfunc.load_model(f"models:/fm-{site}@candidate")
+        model = mlflow.pyfunc.load_model(f"models:/fm-{fm}@candidate")
         meta = model.metadata.metadata
         img = int(meta["preprocessing"]["img_size"])
         out = model.predict(np.zeros((3, 3, img, img), dtype=np.float32))
@@ -44,11 +45,13 @@ def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: Mlflow
     exp = client.get_experiment_by_name("adapt")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'adapt'", max_results=500)
     settings_seeds = 2
-    assert len(runs) == len(SITES) * 3 * settings_seeds
+    assert len(runs) == len(FMS) * 3 * settings_seeds
     for r in runs:
         for tag in (
             "study",
+            "fm",
             "fm.site",
+            "fm.recipe",
             "fm.model",
             "fm.version",
             "task",
@@ -78,13 +81,13 @@ def test_compare_writes_report_and_summary(study, sh) -> None:
     # each answer names the test that decided it, never another test's p beside its verdict
     assert "Decided by: paired test on the same test images" in shown
     assert "Decided by: stratified score test" in shown
-    allowed = {"no evidence", "hospital better", "screening better"}
+    allowed = {"no evidence", "mae-hospital better", "mae-screening better"}
     for task in summary["tasks"]:
         for comparison in task["comparisons"]:
             verdict = comparison["verdict"]
             assert verdict in allowed or verdict.startswith("undetermined ("), verdict
     table = pd.read_parquet(study.path / "outputs/evaluation/runs.parquet")
-    assert set(table["fm"]) == set(SITES)
+    assert set(table["fm"]) == set(FMS)
 
 
 def test_second_repro_finds_nothing_to_do(study, sh) -> None:
@@ -97,7 +100,7 @@ def test_second_repro_finds_nothing_to_do(study, sh) -> None:
 
 
 def test_rerun_creates_no_new_registry_versions(study, sh, client: MlflowClient) -> None:
-    before = {site: len(client.search_model_versions(f"name = 'fm-{site}'")) for site in SITES}
-    sh(["dvc", "repro", "--force", "--single-item", "register@hospital"], study.path)
-    after = {site: len(client.search_model_versions(f"name = 'fm-{site}'")) for site in SITES}
+    before = {fm: len(client.search_model_versions(f"name = 'fm-{fm}'")) for fm in FMS}
+    sh(["dvc", "repro", "--force", "--single-item", "register@mae-hospital"], study.path)
+    after = {fm: len(client.search_model_versions(f"name = 'fm-{fm}'")) for fm in FMS}
     assert before == after

@@ -35,9 +35,9 @@ STAGES = (
     "cohort@hospital",
     "pack_cohort@hospital",
     "pack_task@hospital_dr",
-    "pretrain@hospital",
-    "register@hospital",
-    "adapt@hospital-hospital_dr",
+    "pretrain@mae-hospital",
+    "register@mae-hospital",
+    "adapt@mae-hospital-hospital_dr",
     "evaluate",
     "compare",
 )
@@ -78,7 +78,7 @@ def test_changing_the_cohort_size_reruns_it_and_marks_downstream_stale(records, 
         assert card["size"]["images"] == n - 10
         status = sh(["dvc", "status"], records.path).stdout
         # every site's cohort has this size, so both cohorts and everything below are stale
-        for stage in ("cohort@screening", "pack_cohort@hospital", "register@hospital"):
+        for stage in ("cohort@screening", "pack_cohort@hospital", "register@mae-hospital"):
             assert f"{stage}:" in status, status
     finally:
         params.write_text(original)
@@ -107,7 +107,7 @@ def test_doctor_names_each_tampered_record(records, sh) -> None:  # noqa: ANN001
     params = repo / "params.yaml"
     params_text = params.read_text()
     client = MlflowClient(records.tracking_uri, records.tracking_uri)
-    version = client.get_model_version_by_alias("fm-screening", "candidate")
+    version = client.get_model_version_by_alias("fm-mae-screening", "candidate")
     true_md5 = version.tags["data.md5"]
 
     def disagreements() -> list[str]:
@@ -126,13 +126,13 @@ def test_doctor_names_each_tampered_record(records, sh) -> None:  # noqa: ANN001
         found = disagreements()
         assert any("cohort.strategy" in x and "stratified" in x for x in found), found
         params.write_text(params_text)
-        client.set_model_version_tag("fm-screening", version.version, "data.md5", "0" * 32)
+        client.set_model_version_tag("fm-mae-screening", version.version, "data.md5", "0" * 32)
         found = disagreements()
-        assert any("fm-screening" in x and "data.md5" in x for x in found), found
+        assert any("fm-mae-screening" in x and "data.md5" in x for x in found), found
     finally:
         card_path.write_text(card_text)
         params.write_text(params_text)
-        client.set_model_version_tag("fm-screening", version.version, "data.md5", true_md5)
+        client.set_model_version_tag("fm-mae-screening", version.version, "data.md5", true_md5)
     assert "all records agree" in sh(["retfm", "doctor"], repo).stdout
 
 

@@ -26,7 +26,7 @@ from retfm.models.encoder import Preprocessing
 
 pytestmark = pytest.mark.e2e
 
-FM, TASK = "hospital", "hospital_dr"
+FM, TASK = "mae-hospital", "hospital_dr"
 CLASSIFIER = f"clf-{TASK}-fm-{FM}"
 BIN = Path(sys.executable).parent
 
@@ -50,15 +50,16 @@ def _task_images(study, n: int) -> tuple[pd.DataFrame, Preprocessing]:  # noqa: 
     mlflow.set_tracking_uri(study.tracking_uri)
     mlflow.set_registry_uri(study.tracking_uri)
     info = mlflow.models.get_model_info(f"models:/{CLASSIFIER}@candidate")
-    raw = info.metadata["preprocessing"]
-    prep = Preprocessing(int(raw["img_size"]), tuple(raw["mean"]), tuple(raw["std"]))
+    prep = Preprocessing.from_json(json.dumps(info.metadata["preprocessing"]))
     return meta[meta["split"] == "test"].head(n), prep
 
 
 def test_mlflow_serves_the_registered_classifier_over_http(study) -> None:  # noqa: ANN001
     rows, prep = _task_images(study, 4)
-    images = np.stack([load_image(study.path / "data" / "tasks" / TASK / p, prep.img_size)
-                       for p in rows["path"]])  # fmt: skip
+    folder = study.path / "data" / "tasks" / TASK
+    images = prep.center_crop(np.stack([  # the model's own view: fundus crop, resize, centre
+        load_image(folder / p, prep.view_size, fundus_crop=prep.fundus_crop) for p in rows["path"]
+    ]))  # fmt: skip
     x = (images.astype(np.float32) / 255.0 - np.asarray(prep.mean, np.float32)) / np.asarray(
         prep.std, np.float32
     )

@@ -1,11 +1,11 @@
 """Importing released RETFound checkpoints, checked against an independent reference.
 
 Each released layout is built from a timm model with random weights and saved as its release
-does; the imported encoder's features must equal (<= 1e-5) those of the same file loaded the way
-RETFound's own code loads it (``main_finetune.py`` and ``models_vit.py`` at rmaphoh/RETFound
-ae9a9ec; ``util/pos_embed.interpolate_pos_embed``), written out below as that code does it. Most
-files are small (ViT-L width, 2 blocks); one test imports a full-size ViT-L (1.2 GB) and checks
-that it is never held twice in memory.
+does (:mod:`retfm.models.releases`); the imported encoder's features must equal (<= 1e-5)
+those of the same file loaded the way RETFound's own code loads it (``main_finetune.py`` and
+``models_vit.py`` at rmaphoh/RETFound ae9a9ec; ``util/pos_embed.interpolate_pos_embed``),
+written out below as that code does it. Most files are small (ViT-L width, 2 blocks); one test
+imports a full-size ViT-L (1.2 GB) and checks that it is never held twice in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from retfm.models.checkpoints import (
@@ -33,6 +33,7 @@ from retfm.models.checkpoints import (
 from retfm.models.encoder import encode, load_encoder, save_encoder
 from retfm.models.mae import MaskedAutoencoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
+from retfm.models.releases import dinov2_model, dinov2_release, mae_release
 from retfm.settings import ModelPreset
 
 DEPTH = 2
@@ -111,61 +112,14 @@ def retfound_mae(path: Path, img_size: int, dim: int = 1024, depth: int = DEPTH)
 # ----------------------------------------------------------------------- released layouts
 def mae_checkpoint(path: Path, *, dim: int = 1024, depth: int = DEPTH, img: int = 224,
                    extra: dict | None = None) -> Path:  # fmt: skip
-    """facebookresearch/mae's MaskedAutoencoderViT state (RETFound_mae_*): encoder in timm
-    naming with MAE's token norm, decoder, mask token, under 'model'."""
-    torch.manual_seed(0)
-    vit = VisionTransformer(img_size=img, patch_size=16, embed_dim=dim, depth=depth,
-                            num_heads=16, global_pool="token", num_classes=0)  # fmt: skip
-    with torch.no_grad():  # non-trivial weights where a wrong mapping would show
-        vit.norm.weight.uniform_(0.5, 1.5)
-        vit.norm.bias.uniform_(-0.5, 0.5)
-        vit.pos_embed.normal_(0, 0.5)
-    state = dict(vit.state_dict())
-    dec = Block(128, 4, qkv_bias=True)
-    state.update({f"decoder_blocks.0.{k}": v for k, v in dec.state_dict().items()})
-    n = (img // 16) ** 2 + 1
-    state.update({
-        "mask_token": torch.zeros(1, 1, 128), "decoder_pos_embed": torch.zeros(1, n, 128),
-        "decoder_embed.weight": torch.randn(128, dim) * 0.02,
-        "decoder_embed.bias": torch.zeros(128),
-        "decoder_norm.weight": torch.ones(128), "decoder_norm.bias": torch.zeros(128),
-        "decoder_pred.weight": torch.randn(768, 128) * 0.02, "decoder_pred.bias": torch.zeros(768),
-    })  # fmt: skip
-    torch.save({"model": state, "epoch": 799, **(extra or {})}, path)
-    return path
+    return mae_release(path, dim=dim, depth=depth, img=img, extra=extra)
 
 
 def dinov2_source(name: str = "vit_large_patch14_dinov2", **kw: object) -> VisionTransformer:
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, img_size=224, depth=DEPTH, num_classes=0,
-                              **kw).eval()  # fmt: skip
-    with torch.no_grad():
-        for block in model.blocks:  # layer scale far from its init
-            block.ls1.gamma.uniform_(0.5, 1.5)
-            block.ls2.gamma.uniform_(0.5, 1.5)
-        model.pos_embed.normal_(0, 0.5)
-    return model
+    return dinov2_model(name, depth=DEPTH, **kw)
 
 
-def dinov2_teacher(model: VisionTransformer, path: Path, *, chunks: int = 0,
-                   dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
-    """DINOv2's training checkpoint (RETFound_dinov2_*): backbone in DINOv2's own naming
-    (``backbone.`` prefix, mask token, optionally ``block_chunks``), plus DINO and iBOT heads."""
-    state = {}
-    for k, v in model.state_dict().items():
-        if chunks and k.startswith("blocks."):
-            i = int(k.split(".")[1])
-            k = f"blocks.{i // chunks}.{i}." + k.split(".", 2)[2]
-        if ".mlp.fc1." in k and isinstance(model.blocks[0].mlp, timm.layers.GluMlp):
-            k = k.replace(".mlp.fc1.", ".mlp.w12.")
-        if ".mlp.fc2." in k and isinstance(model.blocks[0].mlp, timm.layers.GluMlp):
-            k = k.replace(".mlp.fc2.", ".mlp.w3.")
-        state[f"backbone.{k}"] = v.to(dtype)
-    state["backbone.mask_token"] = torch.zeros(1, model.embed_dim, dtype=dtype)
-    state["dino_head.mlp.0.weight"] = torch.zeros(8, model.embed_dim, dtype=dtype)
-    state["ibot_head.mlp.0.weight"] = torch.zeros(8, model.embed_dim, dtype=dtype)
-    torch.save({"teacher": state}, path)
-    return path
+dinov2_teacher = dinov2_release
 
 
 def retfound_dinov2(path: Path, img_size: int, name: str = "vit_large_patch14_dinov2",
