@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -44,11 +45,11 @@ def mae_release(
     torch.manual_seed(seed)
     vit = VisionTransformer(img_size=img, patch_size=16, embed_dim=dim, depth=depth,
                             num_heads=heads, global_pool="token", num_classes=0)  # fmt: skip
-    with torch.no_grad():  # non-trivial weights where a wrong mapping would show
-        vit.norm.weight.uniform_(0.5, 1.5)
-        vit.norm.bias.uniform_(-0.5, 0.5)
-        vit.pos_embed.normal_(0, 0.5)
     state = dict(vit.state_dict())
+    with torch.no_grad():  # non-trivial weights where a wrong mapping would show
+        state["norm.weight"].uniform_(0.5, 1.5)
+        state["norm.bias"].uniform_(-0.5, 0.5)
+        state["pos_embed"].normal_(0, 0.5)
     dec = Block(128, 4, qkv_bias=True)
     state.update({f"decoder_blocks.0.{k}": v for k, v in dec.state_dict().items()})
     n = (img // 16) ** 2 + 1
@@ -67,17 +68,19 @@ def mae_release(
 
 
 def dinov2_model(
-    name: str = "vit_large_patch14_dinov2", *, depth: int = 24, seed: int = 0, **kw: object
+    name: str = "vit_large_patch14_dinov2", *, depth: int = 24, seed: int = 0, **kw: Any
 ) -> VisionTransformer:
     """A timm DINOv2 backbone at 224 px with random weights (layer scale far from its init)."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, img_size=224, depth=depth, num_classes=0,
                               **kw).eval()  # fmt: skip
+    assert isinstance(model, VisionTransformer)
     with torch.no_grad():
-        for block in model.blocks:
-            block.ls1.gamma.uniform_(0.5, 1.5)
-            block.ls2.gamma.uniform_(0.5, 1.5)
-        model.pos_embed.normal_(0, 0.5)
+        for name_, param in model.named_parameters():
+            if name_.endswith(("ls1.gamma", "ls2.gamma")):
+                param.uniform_(0.5, 1.5)
+            elif name_ == "pos_embed":
+                param.normal_(0, 0.5)
     return model
 
 
@@ -91,7 +94,8 @@ def dinov2_release(
     """A DINOv2 training checkpoint (RETFound_dinov2_*) of ``model`` (timm, no registers):
     the backbone in DINOv2's naming, optionally in ``block_chunks`` of ``chunks`` blocks."""
     state = {}
-    swiglu = isinstance(model.blocks[0].mlp, timm.layers.GluMlp)
+    swiglu = any(".mlp.w12" in k or isinstance(m, timm.layers.GluMlp)
+                 for k, m in model.named_modules())  # fmt: skip
     for k, v in model.state_dict().items():
         if chunks and k.startswith("blocks."):
             i = int(k.split(".")[1])
