@@ -22,6 +22,7 @@ from retfm.evaluation.calibration import calibrate_null
 from retfm.evaluation.runs import groupings
 from retfm.evaluation.simulation import design_from_predictions
 from retfm.fms import fm_recipes, fm_sites, study_fms
+from retfm.registry.evaluation import description, evaluation_tags, settings_digest
 from retfm.registry.models import recorded_version
 from retfm.reporting.plots import (
     plot_differences,
@@ -109,7 +110,7 @@ def main() -> None:
     md, html = write_report(summary, tables, figures, out)
     summary["report"] = str(html)
     tracking.write_json(out / "summary.json", summary)
-    _track(settings, runs, factors, summary, tables, out)
+    _track(settings, runs, groups, factors, summary, tables, out)
     print_summary(summary, sys.stdout)
 
 
@@ -172,7 +173,13 @@ def _subgroup_figures(groups: pd.DataFrame, settings: Settings, out: Path) -> li
 
 
 def _track(  # noqa: ANN001
-    settings: Settings, runs: pd.DataFrame, factors: list[str], summary: dict, tables: dict, out
+    settings: Settings,
+    runs: pd.DataFrame,
+    groups: pd.DataFrame,
+    factors: list[str],
+    summary: dict,
+    tables: dict,
+    out,
 ) -> None:
     client = tracking.configure(settings)
     fingerprints = {
@@ -213,13 +220,71 @@ def _track(  # noqa: ANN001
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifacts(str(out / "figures"), "figures")
         study_run = active.info.run_id
-    for fm, tags in cmp.fm_evaluation_tags(runs, factors, eval_data).items():
-        reg = json.loads(
-            (settings.paths.outputs / "register" / fm / "registration.json").read_text()
-        )
+    _tag_models(settings, client, runs, groups, factors, eval_data, study_run)
+
+
+def _tag_models(  # noqa: ANN001, PLR0913
+    settings: Settings, client, runs, groups, factors, eval_data: str, study_run: str
+) -> None:
+    """The evaluation on every promotable version: ``eval.*`` tags (read by the promotion
+    gates), a description with the evaluation table, and the metrics linked to the version's
+    logged model (MLflow's model view). FM versions: all their runs; classifier versions: the
+    runs of the seed that was registered."""
+    outputs = settings.paths.outputs
+    common = {
+        "eval_data": eval_data,
+        "promotion_settings": settings_digest(settings.promotion.model_dump(mode="json")),
+        "min_group_size": settings.evaluation.min_group_size,
+    }
+    models = []
+    for fm in study_fms(settings):
+        reg = json.loads((outputs / "register" / fm.name / "registration.json").read_text())
+        models.append((reg, runs[runs["fm"] == fm.name]))
+        for task in settings.study.tasks:
+            info = json.loads((outputs / "adapt" / fm.name / task / "runs.json").read_text())
+            mine = runs[(runs["fm"] == fm.name) & (runs["task"] == task)
+                        & (runs["seed"] == int(info["best_seed"]))]  # fmt: skip
+            models.append((info["classifier"], mine))
+    for reg, mine in models:
         version = recorded_version(client, reg)
-        for key, value in {**tags, "eval.study_run": study_run}.items():
+        tags = evaluation_tags(mine, groups[groups["run_key"].isin(mine["run_key"])], factors,
+                               **common)  # fmt: skip
+        tags["eval.study_run"] = study_run
+        for key, value in tags.items():
             client.set_model_version_tag(reg["name"], version, key, value)
+        text = description(reg["name"], mine, tags, factors)
+        mv = client.get_model_version(reg["name"], version)
+        head = (mv.description or "").split("\n\n**Evaluation**")[0]
+        client.update_model_version(reg["name"], version, description=f"{head}\n\n{text}")
+        _link_metrics(client, mv, mine, tags, study_run)
+
+
+def _link_metrics(client, mv, runs: pd.DataFrame, tags: dict, study_run: str) -> None:  # noqa: ANN001
+    """The version's evaluation as metrics of its logged model (MLflow 3's model page), logged
+    from the study run, each with the test set it was measured on."""
+    from mlflow.entities import Metric
+
+    model_id = getattr(mv, "model_id", None)
+    if not model_id:
+        return
+    now = mlflow.utils.time.get_current_time_millis()
+    metrics = [Metric(k.removeprefix("eval.").replace(".", "/"), float(v), now, 0,
+                      model_id=model_id, dataset_digest=tags["eval.data"])
+               for k, v in tags.items() if k.startswith(("eval.auroc", "eval.worst", "eval.gap"))
+               and _is_number(v)]  # fmt: skip
+    per_task = runs.groupby("task")["auroc"].mean()
+    metrics += [Metric(f"auroc/{task}", float(v), now, 0, model_id=model_id,
+                       dataset_name=str(task), dataset_digest=tags["eval.data"])
+                for task, v in per_task.items()]  # fmt: skip
+    client.log_batch(study_run, metrics=metrics)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

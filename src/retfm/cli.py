@@ -186,8 +186,15 @@ def promote(
     model: str,
     version: Annotated[str | None, typer.Option(help="version (default: @candidate)")] = None,
     params: ParamsOpt = Path("params.yaml"),
+    allow_other_settings: Annotated[
+        bool,
+        typer.Option(
+            help="apply promotion settings other than the study's (recorded in the decision)"
+        ),
+    ] = False,
 ) -> None:
-    """Move @champion to a version only if every gate in params.yaml's promotion passes."""
+    """Move @champion to a version only if every gate in params.yaml's promotion passes (the
+    settings the study recorded on the version; other settings are refused unless allowed)."""
     from filelock import Timeout
 
     from retfm import tracking
@@ -205,6 +212,7 @@ def promote(
             settings.promotion,
             groupings(settings.evaluation),
             tracking.experiment_id(settings, "promotion"),
+            allow_other_settings=allow_other_settings,
         )
     except (PromotionError, Timeout) as err:
         _fail(f"promote {model}: {err}")
@@ -267,6 +275,7 @@ def predict(
 @app.command()
 def summary(params: ParamsOpt = Path("params.yaml")) -> None:
     """Print the study summary table (after `dvc repro`) and how to open the MLflow UI."""
+    from retfm import tracking
     from retfm.reporting.summary import print_summary
 
     settings = load_settings(params)
@@ -277,7 +286,7 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
     typer.echo(
         "\nBrowse every run, model and artifact with:\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking.uri} "
-        "--port 5000\n  then open http://127.0.0.1:5000"
+        f"--port 5000\n  then open http://127.0.0.1:5000{tracking.UI_PATH}"
     )
 
 

@@ -239,6 +239,9 @@ class PromotionSettings(_Frozen):
     min_worst_group: float = 0.5
     max_gap: float = Field(0.25, ge=0)
     min_group_size: PositiveInt = 10
+    # a subgroup without a defined metric: refuse (any fails the gate) | exclude_small (groups
+    # only under evaluation.min_group_size are left out, named in the record) | exclude (all)
+    undefined_groups: Literal["refuse", "exclude_small", "exclude"] = "refuse"
 
 
 class TrackingSettings(_Frozen):

@@ -151,17 +151,27 @@ def configure(settings: Settings) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+#: The MLflow UI opens an experiment in its GenAI layout (traces, token usage) unless the
+#: experiment says it is model development; every retfm experiment does.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: The UI's page for comparing runs, in its model-training layout.
+UI_PATH = "/#/experiments?workflowType=machine_learning"
+
+
 def experiment_id(settings: Settings, name: str) -> str:
-    """Get or create an experiment; local stores keep artifacts under ``tracking.artifacts``."""
+    """Get or create an experiment (tagged as model development, so the UI shows runs, not
+    traces); local stores keep artifacts under ``tracking.artifacts``."""
     client = configure(settings)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = None
     if _is_local(tracking_uri(settings)):
         location = (Path(settings.tracking.artifacts).resolve() / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created concurrently by a parallel stage
         exp = client.get_experiment_by_name(name)
         if exp is None:

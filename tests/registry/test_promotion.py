@@ -26,7 +26,8 @@ from retfm.models.encoder import Preprocessing, build_encoder, encode, save_enco
 from retfm.models.onnx_export import export_onnx, onnx_parity
 from retfm.registry.models import CHAMPION, register_onnx
 from retfm.registry.promotion import evaluate_gates, lock_path, promote, rollback
-from retfm.settings import ModelPreset, PromotionSettings
+from retfm.registry.evaluation import settings_digest
+from retfm.settings import ModelPreset, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 RETFM = str(Path(sys.executable).parent / "retfm")
@@ -35,9 +36,8 @@ ARCH = ModelPreset(
     decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2,
 )  # fmt: skip
 PREP = Preprocessing(img_size=16)
-CFG = PromotionSettings(
-    metric="auroc", floor=0.6, max_drop_vs_champion=0.02, min_worst_group=0.5, max_gap=0.25
-)
+CFG = load_settings(ROOT / "params.yaml").promotion  # the CLI tests read the same file
+STUDY_SETTINGS = settings_digest(CFG.model_dump(mode="json"))
 FACTORS = ["age", "age_fine", "sex", "ethnicity"]  # what params.yaml's evaluation judges
 LINEAGE = {
     "data.md5": "d" * 32,
@@ -54,7 +54,7 @@ NAME = "fm-hospital"
 
 def evaluation(auroc: float, *, data: str = "eval-1", **per_factor: str) -> dict[str, str]:
     """``eval.*`` tags as the compare stage writes them; ``per_factor`` overrides one key."""
-    tags = {"eval.data": data, "eval.auroc": f"{auroc}"}
+    tags = {"eval.data": data, "eval.auroc": f"{auroc}", "eval.promotion_settings": STUDY_SETTINGS}
     for f in FACTORS:
         tags[f"eval.worst.auroc.{f}"] = "0.7"
         tags[f"eval.gap.auroc.{f}"] = "0.1"
@@ -110,6 +110,40 @@ def test_one_bad_value_fails_exactly_its_gate(
     if "lineage complete" in expected:
         lineage = next(g for g in gates if g.name == "lineage complete")
         assert all(k in lineage.value for k in candidate)
+
+
+def test_other_promotion_settings_are_refused_or_recorded_loudly() -> None:
+    looser = CFG.model_copy(update={"max_gap": 0.9})
+    good = {**LINEAGE, **evaluation(0.8)}
+    gates = evaluate_gates(looser, good, None, FACTORS)
+    assert failed(gates) == {"promotion settings are the study's"}
+    gate = next(g for g in gates if g.name == "promotion settings are the study's")
+    assert gate.value.startswith("OTHER settings") and STUDY_SETTINGS in gate.value
+    allowed = evaluate_gates(looser, good, None, FACTORS, allow_other_settings=True)
+    assert not failed(allowed)
+    assert any(g.value.startswith("OTHER settings") for g in allowed)  # passed, and said so
+    unstamped = {k: v for k, v in good.items() if k != "eval.promotion_settings"}
+    assert "promotion settings are the study's" in failed(evaluate_gates(CFG, unstamped, None,
+                                                                          FACTORS))
+
+
+@pytest.mark.parametrize(
+    ("mode", "small", "passes"),
+    [("refuse", "2", False), ("exclude_small", "2", True), ("exclude_small", "1", False),
+     ("exclude", "0", True)],
+)  # fmt: skip
+def test_undefined_groups_are_judged_as_the_settings_say_and_named(
+    mode: str, small: str, passes: bool
+) -> None:
+    cfg = CFG.model_copy(update={"undefined_groups": mode})
+    tags = evaluation(0.8, eval__undefined__ethnicity="2", eval__undefined_small__ethnicity=small,
+                      eval__undefined_groups__ethnicity="screening_dr: black (4 images), "
+                      "other (12 images: single class)")  # fmt: skip
+    tags["eval.promotion_settings"] = settings_digest(cfg.model_dump(mode="json"))
+    gates = evaluate_gates(cfg, tags, None, FACTORS)
+    gate = next(g for g in gates if g.name == "ethnicity groups judgeable")
+    assert gate.passed is passes
+    assert "screening_dr: black (4 images)" in gate.value  # which groups, on which task
 
 
 def test_drop_versus_champion_on_the_same_evaluation_data() -> None:
@@ -260,7 +294,7 @@ def test_refusal_exits_nonzero_changes_nothing_and_is_recorded(registry) -> None
     out = refused.output
     assert "REFUSED" in out and "(champion was: 1)" in out
     assert "[FAIL] auroc vs champion: 0.75 vs champion 0.8" in out
-    assert "[FAIL] ethnicity groups judgeable: 1 group(s)" in out
+    assert "[FAIL] ethnicity groups judgeable: 1 undefined (0 only under 10 images)" in out
     assert "[PASS] auroc floor: 0.7500 (required >= 0.6)" in out
     assert "[PASS] lineage complete" in out
     model = client.get_registered_model(NAME)
@@ -289,16 +323,21 @@ def test_rollback_returns_to_the_previous_champion_then_has_nothing_left(registr
     cli = runner.invoke(app, ["rollback", NAME, "--params", "params.yaml"])
     assert cli.exit_code == 0, cli.output
     assert _champion(client) == "1"
+    first = runner.invoke(app, ["rollback", NAME, "--params", "params.yaml"])
+    assert first.exit_code == 0 and "no champion" in first.output  # before the first promotion
+    assert _champion(client) is None
     empty = runner.invoke(app, ["rollback", NAME, "--params", "params.yaml"])
-    assert empty.exit_code == 1 and "no previous champion to roll back to" in empty.output
-    assert _champion(client) == "1"
+    assert empty.exit_code == 1 and "no promotion to roll back" in empty.output
+    assert _champion(client) is None
+    names = {r.info.run_name for r in client.search_runs([exp])}
+    assert "promote-fm-hospital-vnone-rollback" in names and "promote-fm-hospital-v2-rollback" in names
 
 
 def test_clear_errors_for_unknown_model_and_no_history(registry) -> None:
     client, _ = registry
     runner = CliRunner()
     fresh = runner.invoke(app, ["rollback", NAME, "--params", "params.yaml"])
-    assert fresh.exit_code == 1 and "no previous champion" in fresh.output
+    assert fresh.exit_code == 1 and "no promotion to roll back" in fresh.output
     unknown = runner.invoke(app, ["promote", "fm-nowhere", "--params", "params.yaml"])
     assert unknown.exit_code == 1 and "fm-nowhere: no @candidate" in unknown.output
     missing = runner.invoke(app, ["promote", NAME, "--version", "9", "--params", "params.yaml"])
@@ -392,4 +431,4 @@ def test_concurrent_promotions_leave_champion_on_a_version_that_passed(registry)
             champion = decision["version"]
     assert champion == "2"
     history = json.loads(client.get_registered_model(NAME).tags["champion.history"])
-    assert history == (["1", "3"] if codes["3"] == 0 else ["1"])
+    assert history == (["none", "1", "3"] if codes["3"] == 0 else ["none", "1"])

@@ -7,8 +7,8 @@ study (Holm by default); a comparison is decided as ``<fm> better``, ``no eviden
 ``undetermined (reason)``. RETFound's Welch t-test over seeds is kept as an extra, labelled
 column (``p_seed_ttest``): it ignores the test set's error and decides nothing here.
 
-Also here: the per-image seed average used by the factor analysis, and the ``eval.*`` tags that
-promotion reads.
+Also here: the per-image seed average used by the factor analysis, and the hash of the test
+sets the ``eval.*`` tags record (:mod:`retfm.registry.evaluation`).
 """
 
 from __future__ import annotations
@@ -129,31 +129,6 @@ def _verdict(row, alpha: float) -> str:  # noqa: ANN001 - a DataFrame row tuple
     if row.p_adj < alpha:
         return f"{row.fm_a if row.diff > 0 else row.fm_b} {BETTER}"
     return NO_EVIDENCE
-
-
-def fm_evaluation_tags(
-    runs: pd.DataFrame, factors: list[str], eval_data: str, metric: str = "auroc"
-) -> dict[str, dict[str, str]]:
-    """``eval.*`` tags per FM, read by the promotion gates (see registry/promotion.py)."""
-    tags: dict[str, dict[str, str]] = {}
-    for fm, frame in runs.groupby("fm"):
-        per_task = frame.groupby("task").mean(numeric_only=True)
-        t = {
-            "eval.data": eval_data,
-            f"eval.{metric}": f"{per_task[metric].mean():.5f}",
-            "eval.tasks": ",".join(sorted(per_task.index)),
-        }
-        for factor in factors:
-            worst, gap = f"worst/{metric}/{factor}", f"gap/{metric}/{factor}"
-            undefined = f"n_undefined/{factor}"
-            if worst in per_task and per_task[worst].notna().any():
-                t[f"eval.worst.{metric}.{factor}"] = f"{per_task[worst].min():.5f}"
-            if gap in per_task and per_task[gap].notna().any():
-                t[f"eval.gap.{metric}.{factor}"] = f"{per_task[gap].max():.5f}"
-            n_undef = frame[undefined].max() if undefined in frame else 0
-            t[f"eval.undefined.{factor}"] = str(int(0 if pd.isna(n_undef) else n_undef))
-        tags[str(fm)] = t
-    return tags
 
 
 def evaluation_data_hash(fingerprints: dict[str, str]) -> str:

@@ -6,10 +6,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from retfm.evaluation.bootstrap import bootstrap_intervals
-from retfm.evaluation.fairness import MetricKeys, fairness_summary, metric_keys, subgroup_table
+from retfm.evaluation.fairness import (
+    MetricKeys,
+    fairness_summary,
+    metric_keys,
+    slug,
+    subgroup_table,
+)
 from retfm.evaluation.metrics import overall_metrics
 from retfm.evaluation.subgroups import add_groups, arrays
 from retfm.settings import FACTORS, EvaluationSettings
@@ -59,4 +66,17 @@ def evaluate_predictions(
             on=["factor", "group"],
             how="left",
         )
+        _interval_keys(keys, groups)
     return RunEvaluation(overall, groups, summaries, keys, intervals)
+
+
+def _interval_keys(keys: MetricKeys, groups: pd.DataFrame) -> None:
+    """Each defined group's bootstrap interval beside its AUROC: ``auroc_lo/age/ge60`` and
+    ``auroc_hi/age/ge60``, so MLflow's charts and Compare can show it (not only a JSON file)."""
+    for row in groups.itertuples(index=False):
+        f, g = slug(row.factor), slug(row.group)
+        for col in ("auroc_lo", "auroc_hi"):
+            value = getattr(row, col, None)
+            if bool(row.defined) and value is not None and np.isfinite(value):
+                keys.metrics[f"{col}/{f}/{g}"] = float(value)
+                keys.labels[f"{col}/{f}/{g}"] = f"{col}/{row.factor}={row.group}"

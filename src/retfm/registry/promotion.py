@@ -27,6 +27,7 @@ from retfm.registry.models import CANDIDATE, CHAMPION
 from retfm.settings import PromotionSettings
 
 HISTORY_TAG = "champion.history"
+NO_CHAMPION = "none"  # in the history: there was no champion before
 LOCK_TIMEOUT_S = 120
 
 
@@ -45,16 +46,18 @@ class Gate:
 @dataclass
 class Decision:
     model: str
-    version: str
+    version: str | None
     promoted: bool
     previous_champion: str | None
     gates: list[Gate] = field(default_factory=list)
     who: str = ""
     when: str = ""
+    settings: dict = field(default_factory=dict)  # the promotion settings the gates applied
 
     def report(self) -> str:
         verdict = "PROMOTED" if self.promoted else "REFUSED"
-        head = f"{verdict}: {self.model} version {self.version} -> @{CHAMPION}"
+        target = f"version {self.version}" if self.version else "no version (champion unset)"
+        head = f"{verdict}: {self.model} {target} -> @{CHAMPION}"
         prev = f"  (champion was: {self.previous_champion or 'none'})"
         return "\n".join([head, prev, *(g.line() for g in self.gates)])
 
@@ -74,10 +77,12 @@ def evaluate_gates(
     candidate: dict[str, str],
     champion: dict[str, str] | None,
     factors: list[str],
+    *,
+    allow_other_settings: bool = False,
 ) -> list[Gate]:
     """Every gate, with the values compared; pure so that it can be tested on plain dicts."""
     metric = cfg.metric
-    gates: list[Gate] = []
+    gates: list[Gate] = [_settings_gate(cfg, candidate, allow_other_settings)]
     missing = missing_lineage(candidate)
     gates.append(
         Gate(
@@ -140,17 +145,48 @@ def evaluate_gates(
                 f"<= {cfg.max_gap}",
             )
         )
-        gates.append(
-            Gate(
-                f"{factor} groups judgeable",
-                undefined == 0,
-                "not evaluated"
-                if undefined is None or not math.isfinite(undefined)
-                else f"{int(undefined)} group(s) undefined or under {cfg.min_group_size} images",
-                "0 (an unjudgeable group never passes silently)",
-            )
-        )
+        gates.append(_judgeable(cfg, candidate, factor, undefined))
     return gates
+
+
+def _settings_gate(cfg: PromotionSettings, candidate: dict[str, str], allow: bool) -> Gate:
+    """The gates are the study's own: the promotion settings the study recorded on the version
+    (``eval.promotion_settings``) must be the ones applied now, or the difference is loud."""
+    from retfm.registry.evaluation import settings_digest
+
+    given, recorded = settings_digest(cfg.model_dump(mode="json")), candidate.get(
+        "eval.promotion_settings"
+    )
+    if recorded is None:
+        return Gate("promotion settings are the study's", False, "not evaluated",
+                    "the promotion settings the study recorded")  # fmt: skip
+    if given == recorded:
+        return Gate("promotion settings are the study's", True, f"{given}", f"{recorded}")
+    value = f"OTHER settings {given} (the study recorded {recorded})"
+    limit = "the study's settings; --allow-other-settings given: recorded" if allow else (
+        "the study's settings (or --allow-other-settings, recorded in the decision)"
+    )
+    return Gate("promotion settings are the study's", allow, value, limit)
+
+
+def _judgeable(cfg: PromotionSettings, tags: dict[str, str], factor: str,
+               undefined: float | None) -> Gate:  # fmt: skip
+    """No subgroup passes silently: undefined groups fail the gate or, as
+    ``promotion.undefined_groups`` says, are left out by name."""
+    name = f"{factor} groups judgeable"
+    limit = {"refuse": "0 undefined groups", "exclude_small": "0 undefined groups that are not "
+             "just small (small ones left out: promotion.undefined_groups)",
+             "exclude": "any (undefined groups left out: promotion.undefined_groups)"}  # fmt: skip
+    if undefined is None or not math.isfinite(undefined):
+        return Gate(name, False, "not evaluated", limit[cfg.undefined_groups])
+    small = _float(tags, f"eval.undefined_small.{factor}") or 0.0
+    names = tags.get(f"eval.undefined_groups.{factor}", "none")
+    blocking = {"refuse": undefined, "exclude_small": undefined - small, "exclude": 0.0}
+    count = int(blocking[cfg.undefined_groups])
+    value = f"{int(undefined)} undefined ({int(small)} only under {cfg.min_group_size} images)"
+    if undefined:
+        value += f": {names}"
+    return Gate(name, count == 0, value, limit[cfg.undefined_groups])
 
 
 def lock_path(tracking_uri: str) -> Path:
@@ -191,17 +227,21 @@ def _resolve(client: MlflowClient, name: str, version: str | None) -> str:
 
 def _record(client: MlflowClient, decision: Decision, experiment_id: str) -> None:
     payload = json.dumps(decision.to_dict(), sort_keys=True)
-    client.set_model_version_tag(decision.model, decision.version, "promotion.last", payload)
+    if decision.version is not None:
+        client.set_model_version_tag(decision.model, decision.version, "promotion.last", payload)
+    rollback = any(g.name == "rollback" for g in decision.gates)
+    outcome = "rollback" if rollback else ("granted" if decision.promoted else "refused")
     run = client.create_run(
         experiment_id,
-        run_name=(
-            f"promote-{decision.model}-v{decision.version}-"
-            f"{'granted' if decision.promoted else 'refused'}"
-        ),
+        run_name=f"promote-{decision.model}-v{decision.version or 'none'}-{outcome}",
         tags={
             "model": decision.model,
-            "model.version": decision.version,
+            "model.version": decision.version or "none",
             "promoted": str(decision.promoted).lower(),
+            "outcome": outcome,
+            "settings.other": str(any(g.name == "promotion settings are the study's"
+                                      and g.value.startswith("OTHER") for g in decision.gates)
+                                  ).lower(),
         },
     )
     client.log_text(run.info.run_id, payload, "promotion.json")
@@ -215,6 +255,8 @@ def promote(
     cfg: PromotionSettings,
     factors: list[str],
     experiment_id: str,
+    *,
+    allow_other_settings: bool = False,
 ) -> Decision:
     """Check the gates and move ``champion`` when all pass; returns the recorded decision."""
     with _lock_for(client):
@@ -226,7 +268,8 @@ def promote(
             if previous and previous != target
             else None
         )
-        gates = evaluate_gates(cfg, cand_tags, champ_tags, factors)
+        gates = evaluate_gates(cfg, cand_tags, champ_tags, factors,
+                               allow_other_settings=allow_other_settings)  # fmt: skip
         # re-promoting the champion: its predecessor is the one before it, not itself
         predecessor = previous
         if previous == target:
@@ -240,11 +283,11 @@ def promote(
             gates,
             who=_who(),
             when=datetime.now(UTC).isoformat(),
+            settings=cfg.model_dump(mode="json"),
         )
         if decision.promoted and previous != target:
             history = _history(client, name)
-            if previous:
-                history.append(previous)
+            history.append(previous or NO_CHAMPION)  # the first promotion rolls back to none
             client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
             client.set_registered_model_alias(name, CHAMPION, target)
         _record(client, decision, experiment_id)
@@ -267,24 +310,29 @@ def _history(client: MlflowClient, name: str) -> list[str]:
 
 
 def rollback(client: MlflowClient, name: str, experiment_id: str) -> Decision:
-    """Move ``champion`` back to the version it pointed at before the last promotion."""
+    """Move ``champion`` back to the version it pointed at before the last promotion (or unset
+    it, when that promotion was the first)."""
     with _lock_for(client):
         history = _history(client, name)
         current = _champion(client, name)
         if not history:
             raise PromotionError(
-                f"{name}: no previous champion to roll back to (champion is "
-                f"{current or 'unset'}; history is recorded by `retfm promote`)"
+                f"{name}: no promotion to roll back (champion is {current or 'unset'}; the "
+                "history is recorded by `retfm promote`)"
             )
         previous = history.pop()
-        client.set_registered_model_alias(name, CHAMPION, previous)
+        if previous == NO_CHAMPION:
+            client.delete_registered_model_alias(name, CHAMPION)
+        else:
+            client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        target = None if previous == NO_CHAMPION else previous
         decision = Decision(
             name,
-            previous,
+            target,
             True,
             current,
-            [Gate("rollback", True, f"from {current} to {previous}", "-")],
+            [Gate("rollback", True, f"from {current} to {target or 'no champion'}", "-")],
             who=_who(),
             when=datetime.now(UTC).isoformat(),
         )
