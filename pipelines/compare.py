@@ -268,10 +268,9 @@ def _link_metrics(client, mv, runs: pd.DataFrame, tags: dict, study_run: str) ->
     if not model_id:
         return
     now = mlflow.utils.time.get_current_time_millis()
-    metrics = [Metric(k.removeprefix("eval.").replace(".", "/"), float(v), now, 0,
+    metrics = [Metric(k.removeprefix("eval/"), float(v), now, 0,
                       model_id=model_id, dataset_digest=tags["eval.data"])
-               for k, v in tags.items() if k.startswith(("eval.auroc", "eval.worst", "eval.gap"))
-               and _is_number(v)]  # fmt: skip
+               for k, v in tags.items() if k.startswith("eval/") and _is_number(v)]  # fmt: skip
     per_task = runs.groupby("task")["auroc"].mean()
     metrics += [Metric(f"auroc/{task}", float(v), now, 0, model_id=model_id,
                        dataset_name=str(task), dataset_digest=tags["eval.data"])

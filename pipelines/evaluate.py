@@ -64,7 +64,7 @@ def main() -> None:
     groups.astype({c: str for c in groups.columns if groups[c].dtype == object}).to_parquet(
         out / "groups.parquet", index=False
     )
-    tracking.write_json(out / "metrics.json", _dvc_metrics(runs))
+    _write_dvc_metrics(runs, out / "metrics")
     print(runs.groupby(["fm", "task"])["auroc"].agg(["mean", "std"]).round(3).to_string())
 
 
@@ -87,24 +87,31 @@ def _log(
     client.log_table(run_id, data=table, artifact_file="evaluation/groups.json")
 
 
-def _dvc_metrics(runs: pd.DataFrame) -> dict:
-    """Mean (and sd) over seeds per FM and task: what `dvc metrics diff` compares."""
+def _write_dvc_metrics(runs: pd.DataFrame, folder) -> None:  # noqa: ANN001
+    """Mean (and sd) over seeds, one file per FM x task (``<fm>.<task>.json``), so that
+    ``dvc metrics show`` prints one row per FM and task and ``dvc metrics diff`` compares two
+    versions of the study. Keys are spelled as the MLflow metrics (``gap/auroc/age``)."""
     keep = [
         c
         for c in runs.columns
         if c in ("auroc", "aupr", "accuracy", "f1_macro", "kappa", "ece")
         or c.startswith(("gap/auroc/", "worst/auroc/"))
     ]
-    out: dict = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    written = set()
     for (fm, task), frame in runs.groupby(["fm", "task"], sort=True):
         entry = {}
         for col in keep:
             vals = frame[col].dropna().to_numpy(float)
             if len(vals):
-                entry[col.replace("/", "_")] = round(float(np.mean(vals)), 5)
+                entry[col] = round(float(np.mean(vals)), 5)
         entry["auroc_sd"] = round(float(np.std(frame["auroc"], ddof=1)), 5) if len(frame) > 1 else 0
-        out.setdefault(fm, {})[task] = entry
-    return out
+        name = f"{fm}.{task}.json"
+        tracking.write_json(folder / name, entry)
+        written.add(name)
+    for stale in folder.glob("*.json"):  # an FM or task no longer in the study
+        if stale.name not in written:
+            stale.unlink()
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 from retfm.cli import app
 from retfm.models.encoder import Preprocessing, build_encoder, encode, save_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
+from retfm.registry.evaluation import settings_digest
 from retfm.registry.models import CHAMPION, register_onnx
 from retfm.registry.promotion import evaluate_gates, lock_path, promote, rollback
-from retfm.registry.evaluation import settings_digest
 from retfm.settings import ModelPreset, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,12 +54,13 @@ NAME = "fm-hospital"
 
 def evaluation(auroc: float, *, data: str = "eval-1", **per_factor: str) -> dict[str, str]:
     """``eval.*`` tags as the compare stage writes them; ``per_factor`` overrides one key."""
-    tags = {"eval.data": data, "eval.auroc": f"{auroc}", "eval.promotion_settings": STUDY_SETTINGS}
+    tags = {"eval.data": data, "eval/auroc": f"{auroc}", "eval.promotion_settings": STUDY_SETTINGS}
     for f in FACTORS:
-        tags[f"eval.worst.auroc.{f}"] = "0.7"
-        tags[f"eval.gap.auroc.{f}"] = "0.1"
-        tags[f"eval.undefined.{f}"] = "0"
-    tags.update({k.replace("__", "."): v for k, v in per_factor.items()})
+        tags[f"eval/worst/auroc/{f}"] = "0.7"
+        tags[f"eval/gap/auroc/{f}"] = "0.1"
+        tags[f"eval/n_undefined/{f}"] = "0"
+    tags.update({k.replace("__", "/").replace("/undefined_groups/", ".undefined_groups."): v
+                 for k, v in per_factor.items()})  # fmt: skip
     return tags
 
 
@@ -83,15 +84,15 @@ def test_all_gates_pass_and_each_is_reported_with_values() -> None:
 @pytest.mark.parametrize(
     ("candidate", "expected"),
     [
-        ({"eval.auroc": "0.59"}, {"auroc floor"}),
-        ({"eval.auroc": None}, {"auroc floor"}),
-        ({"eval.worst.auroc.sex": "0.49"}, {"worst sex group auroc"}),
-        ({"eval.gap.auroc.ethnicity": "0.26"}, {"ethnicity gap"}),
-        ({"eval.undefined.age_fine": "2"}, {"age_fine groups judgeable"}),
-        ({"eval.undefined.sex": None}, {"sex groups judgeable"}),  # never assumed zero
-        ({"eval.undefined.sex": "nan"}, {"sex groups judgeable"}),
-        ({"eval.worst.auroc.age": None}, {"worst age group auroc"}),
-        ({"eval.gap.auroc.age": None}, {"age gap"}),
+        ({"eval/auroc": "0.59"}, {"auroc floor"}),
+        ({"eval/auroc": None}, {"auroc floor"}),
+        ({"eval/worst/auroc/sex": "0.49"}, {"worst sex group auroc"}),
+        ({"eval/gap/auroc/ethnicity": "0.26"}, {"ethnicity gap"}),
+        ({"eval/n_undefined/age_fine": "2"}, {"age_fine groups judgeable"}),
+        ({"eval/n_undefined/sex": None}, {"sex groups judgeable"}),  # never assumed zero
+        ({"eval/n_undefined/sex": "nan"}, {"sex groups judgeable"}),
+        ({"eval/worst/auroc/age": None}, {"worst age group auroc"}),
+        ({"eval/gap/auroc/age": None}, {"age gap"}),
         ({"git.commit": None}, {"lineage complete"}),
         ({"data.md5": "untracked", "cohort.md5": "unlocked"}, {"lineage complete"}),
     ],
@@ -136,9 +137,10 @@ def test_undefined_groups_are_judged_as_the_settings_say_and_named(
     mode: str, small: str, passes: bool
 ) -> None:
     cfg = CFG.model_copy(update={"undefined_groups": mode})
-    tags = evaluation(0.8, eval__undefined__ethnicity="2", eval__undefined_small__ethnicity=small,
-                      eval__undefined_groups__ethnicity="screening_dr: black (4 images), "
-                      "other (12 images: single class)")  # fmt: skip
+    names = "screening_dr: black (4 images), other (12 images: single class)"
+    tags = evaluation(0.8, eval__n_undefined__ethnicity="2",
+                      eval__n_undefined_small__ethnicity=small,
+                      eval__undefined_groups__ethnicity=names)  # fmt: skip
     tags["eval.promotion_settings"] = settings_digest(cfg.model_dump(mode="json"))
     gates = evaluate_gates(cfg, tags, None, FACTORS)
     gate = next(g for g in gates if g.name == "ethnicity groups judgeable")
@@ -281,7 +283,7 @@ def test_promote_moves_champion_and_records_history(registry) -> None:
 def test_refusal_exits_nonzero_changes_nothing_and_is_recorded(registry) -> None:
     client, tmp = registry
     _tag(client, "1", evaluation(0.80))
-    _tag(client, "2", evaluation(0.75, eval__undefined__ethnicity="1"))
+    _tag(client, "2", evaluation(0.75, eval__n_undefined__ethnicity="1"))
     runner = CliRunner()
     ok = runner.invoke(app, ["promote", NAME, "--version", "1", "--params", "params.yaml"])
     assert ok.exit_code == 0, ok.output
@@ -330,7 +332,7 @@ def test_rollback_returns_to_the_previous_champion_then_has_nothing_left(registr
     assert empty.exit_code == 1 and "no promotion to roll back" in empty.output
     assert _champion(client) is None
     names = {r.info.run_name for r in client.search_runs([exp])}
-    assert "promote-fm-hospital-vnone-rollback" in names and "promote-fm-hospital-v2-rollback" in names
+    assert {"promote-fm-hospital-vnone-rollback", "promote-fm-hospital-v2-rollback"} <= names
 
 
 def test_clear_errors_for_unknown_model_and_no_history(registry) -> None:

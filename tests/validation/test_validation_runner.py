@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from retfm.data.importer import import_folder_layout
+from retfm.validation.offline import remote_assets
 from retfm.validation.report import ValidationFailed
 from retfm.validation.runner import validate_cohort, validate_raw
 
@@ -29,6 +30,13 @@ def test_valid_data_passes_and_writes_tables_report_and_docs(make_data, tmp_path
     index = (out / "data_docs" / "index.html").read_text()
     assert "site.hospital" in index
     assert any("converted_to_rgb" in note for note in report.suites[0].notes)
+    # every Data Docs page opens offline: nothing loaded from the network, styles bundled
+    pages = list((out / "data_docs").rglob("*.html"))
+    assert len(pages) >= 4
+    for page in pages:
+        html = page.read_text()
+        assert remote_assets(html) == [], (page, remote_assets(html)[:3])
+        assert 'id="retfm-offline"' in html
 
 
 def test_bad_images_and_rows_fail_naming_file_row_and_field(make_data, tmp_path, settings, png):

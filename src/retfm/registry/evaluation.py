@@ -4,12 +4,15 @@ The compare stage writes these on every FM version (all its adaptation runs) and
 classifier version (the runs of the seed that was registered), so that promotion gates, the
 version's description and its evaluation card all read one record:
 
-- ``eval.auroc``: the mean AUROC (over tasks, of the seed means);
-- per factor ``eval.worst.auroc.<f>`` (lowest defined group, over tasks) and
-  ``eval.gap.auroc.<f>`` (largest within-task gap between defined groups);
-- per factor ``eval.undefined.<f>`` (number of (task, group) pairs without a defined AUROC),
-  ``eval.undefined_small.<f>`` (how many of them are only under ``min_group_size``) and
+- ``eval/auroc``: the mean AUROC (over tasks, of the seed means);
+- per factor ``eval/worst/auroc/<f>`` (lowest defined group, over tasks) and
+  ``eval/gap/auroc/<f>`` (largest within-task gap between defined groups);
+- per factor ``eval/n_undefined/<f>`` (number of (task, group) pairs without a defined AUROC),
+  ``eval/n_undefined_small/<f>`` (how many of them are only under ``min_group_size``) and
   ``eval.undefined_groups.<f>`` (which, and why: "screening_dr: black (4 images)");
+
+A quantity is spelled as its MLflow metric is (``gap/auroc/age``), in ``dvc metrics`` too, with
+``eval/`` in front on the registry. Tags that are not quantities keep a dotted name.
 - ``eval.data`` (a hash of the test sets), ``eval.tasks``, ``eval.promotion_settings`` (a hash
   of the ``promotion`` settings the study was made with: promotion checks it).
 """
@@ -65,19 +68,19 @@ def evaluation_tags(
     tags = {
         "eval.data": eval_data,
         "eval.promotion_settings": promotion_settings,
-        f"eval.{metric}": f"{per_task[metric].mean():.5f}",
+        f"eval/{metric}": f"{per_task[metric].mean():.5f}",
         "eval.tasks": ",".join(sorted(per_task.index)),
     }
     for factor in factors:
         worst, gap = f"worst/{metric}/{factor}", f"gap/{metric}/{factor}"
         if worst in per_task and per_task[worst].notna().any():
-            tags[f"eval.worst.{metric}.{factor}"] = f"{per_task[worst].min():.5f}"
+            tags[f"eval/{worst}"] = f"{per_task[worst].min():.5f}"
         if gap in per_task and per_task[gap].notna().any():
-            tags[f"eval.gap.{metric}.{factor}"] = f"{per_task[gap].max():.5f}"
+            tags[f"eval/{gap}"] = f"{per_task[gap].max():.5f}"
         undefined = _undefined(groups, factor, min_group_size)
-        tags[f"eval.undefined.{factor}"] = str(len(undefined))
+        tags[f"eval/n_undefined/{factor}"] = str(len(undefined))
         small = int(undefined["small"].sum()) if len(undefined) else 0
-        tags[f"eval.undefined_small.{factor}"] = str(small)
+        tags[f"eval/n_undefined_small/{factor}"] = str(small)
         tags[f"eval.undefined_groups.{factor}"] = _names(undefined) or "none"
     return tags
 
@@ -100,8 +103,8 @@ def description(name: str, runs: pd.DataFrame, tags: dict[str, str], factors: It
               "|---|---|---|---|"]  # fmt: skip
     for f in factors:
         lines.append(
-            f"| {f} | {tags.get(f'eval.worst.{metric}.{f}', '-')} | "
-            f"{tags.get(f'eval.gap.{metric}.{f}', '-')} | "
+            f"| {f} | {tags.get(f'eval/worst/{metric}/{f}', '-')} | "
+            f"{tags.get(f'eval/gap/{metric}/{f}', '-')} | "
             f"{tags.get(f'eval.undefined_groups.{f}', 'none')} |"
         )
     return "\n".join(lines)

@@ -92,7 +92,7 @@ def evaluate_gates(
             "data, cohort, commit, params, recipe, site, weights",
         )
     )
-    overall = _float(candidate, f"eval.{metric}")
+    overall = _float(candidate, f"eval/{metric}")
     gates.append(
         Gate(
             f"{metric} floor",
@@ -104,7 +104,7 @@ def evaluate_gates(
     if champion is not None:
         cand_data, champ_data = candidate.get("eval.data"), champion.get("eval.data")
         same_data = cand_data is not None and cand_data == champ_data
-        champ = _float(champion, f"eval.{metric}")
+        champ = _float(champion, f"eval/{metric}")
         ok = (
             same_data
             and overall is not None
@@ -125,10 +125,10 @@ def evaluate_gates(
             )
         )
     for factor in factors:
-        worst = _float(candidate, f"eval.worst.{metric}.{factor}")
-        gap = _float(candidate, f"eval.gap.{metric}.{factor}")
+        worst = _float(candidate, f"eval/worst/{metric}/{factor}")
+        gap = _float(candidate, f"eval/gap/{metric}/{factor}")
         # A missing or unreadable count is as bad as undefined groups: never assume zero.
-        undefined = _float(candidate, f"eval.undefined.{factor}")
+        undefined = _float(candidate, f"eval/n_undefined/{factor}")
         gates.append(
             Gate(
                 f"worst {factor} group {metric}",
@@ -179,7 +179,7 @@ def _judgeable(cfg: PromotionSettings, tags: dict[str, str], factor: str,
              "exclude": "any (undefined groups left out: promotion.undefined_groups)"}  # fmt: skip
     if undefined is None or not math.isfinite(undefined):
         return Gate(name, False, "not evaluated", limit[cfg.undefined_groups])
-    small = _float(tags, f"eval.undefined_small.{factor}") or 0.0
+    small = _float(tags, f"eval/n_undefined_small/{factor}") or 0.0
     names = tags.get(f"eval.undefined_groups.{factor}", "none")
     blocking = {"refuse": undefined, "exclude_small": undefined - small, "exclude": 0.0}
     count = int(blocking[cfg.undefined_groups])

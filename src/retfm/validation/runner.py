@@ -93,10 +93,14 @@ class SuiteRunner:
         return suite_from_ge(suite.name, target, result, len(df), self.max_rows, list(notes))
 
     def build_docs(self) -> Path | None:
-        """Write the Data Docs site; returns its ``index.html``."""
+        """Write the Data Docs site, made to open offline (:mod:`retfm.validation.offline`);
+        returns its ``index.html``."""
+        from retfm.validation.offline import make_site_offline
+
         if self.docs_dir is None:
             return None
         self.context.build_data_docs(site_names=["retfm"])
+        make_site_offline(Path(self.docs_dir))
         return Path(self.docs_dir) / "index.html"
 
 
