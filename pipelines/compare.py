@@ -65,6 +65,7 @@ def main() -> None:
             plot_heatmap(
                 matrix,
                 out / "figures" / "alignment.png",
+                aligned={(fm, s) for fm, s in sites.items() if s in matrix.columns},
                 title="FM x data site",
                 label="mean AUROC",
             )
@@ -160,13 +161,16 @@ def _subgroup_figures(groups: pd.DataFrame, settings: Settings, out: Path) -> li
                 lo=("auroc_lo", "mean"),
                 hi=("auroc_hi", "mean"),
                 defined=("defined", "all"),
+                n=("n", "max"),
             )
             .reset_index()
         )
         agg["group"] = agg["factor"] + "=" + agg["group"].astype(str)
         figs.append(
             plot_subgroups(
-                agg, out / "figures" / f"subgroups_{task}.png", title=f"{task}: AUROC per subgroup"
+                agg,
+                out / "figures" / f"subgroups_{task}.png",
+                title=f"{task}: AUROC per subgroup, every FM (mean over seeds)",
             )
         )
     return figs

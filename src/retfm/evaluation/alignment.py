@@ -35,7 +35,10 @@ def alignment_matrix(runs: pd.DataFrame, fm_sites: Mapping[str, str], metric: st
     ordered = [s for s in sites if s in table.columns] + [
         s for s in table.columns if s not in sites
     ]
-    return table[ordered].rename_axis(index="fm", columns="task_site")
+    # FM rows in the order of their sites' columns, so aligned cells run down the diagonal
+    rank = {s: i for i, s in enumerate(ordered)}
+    rows = sorted(table.index, key=lambda fm: (rank.get(fm_sites.get(fm, ""), len(rank)), fm))
+    return table.loc[rows, ordered].rename_axis(index="fm", columns="task_site")
 
 
 def _task_verdict(rows: pd.DataFrame, aligned: set[str]) -> tuple[str, float, float]:

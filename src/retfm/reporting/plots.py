@@ -37,31 +37,49 @@ def plot_loss(history_csv: Path, out: Path, *, title: str) -> Path:
     return _save(fig, out)
 
 
-def plot_heatmap(matrix: pd.DataFrame, out: Path, *, title: str, label: str) -> Path:
-    """A labelled heatmap, e.g. FM site (rows) x data site (columns) mean AUROC."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * matrix.shape[1], 1.2 + 0.9 * matrix.shape[0]))
+def plot_heatmap(
+    matrix: pd.DataFrame,
+    out: Path,
+    *,
+    title: str,
+    label: str,
+    aligned: set[tuple[str, str]] | None = None,
+) -> Path:
+    """A labelled heatmap, e.g. FM (rows) x data site (columns) mean AUROC; the ``aligned``
+    (row, column) cells (an FM on its own site's data) are outlined and marked."""
+    fig, ax = plt.subplots(figsize=(2.4 + 1.3 * matrix.shape[1], 1.4 + 0.8 * matrix.shape[0]))
     values = matrix.to_numpy(dtype=float)
     im = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], rotation=30)
     ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
     ax.set_xlabel(str(matrix.columns.name or "data"))
     ax.set_ylabel(str(matrix.index.name or "FM"))
+    cells = aligned or set()
     for (i, j), v in np.ndenumerate(values):
+        own = (str(matrix.index[i]), str(matrix.columns[j])) in cells
         if np.isfinite(v):
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white", fontsize=9)
+            text = f"{v:.3f}" + ("\naligned" if own else "")
+            ax.text(j, i, text, ha="center", va="center", color="white", fontsize=9,
+                    fontweight="bold" if own else "normal")  # fmt: skip
+        if own:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="white", lw=3))
     fig.colorbar(im, ax=ax, label=label)
-    ax.set_title(title)
+    ax.set_title(title + ("\n(outlined: the FM on its own site's data)" if cells else ""),
+                 fontsize=10)  # fmt: skip
     return _save(fig, out)
 
 
 def plot_subgroups(table: pd.DataFrame, out: Path, *, title: str) -> Path:
     """Per-subgroup AUROC with intervals, one marker per FM; undefined groups are marked.
 
-    ``table`` columns: fm, group, estimate, lo, hi, defined.
+    ``table`` columns: fm, group, estimate, lo, hi, defined, and optionally n (the group's
+    test images, shown beside its name). The legend sits outside the axes, never on an
+    interval.
     """
     groups = list(dict.fromkeys(table["group"]))
     fms = list(dict.fromkeys(table["fm"]))
-    fig, ax = plt.subplots(figsize=(6.5, 0.5 + 0.45 * len(groups) * max(1, len(fms)) ** 0.5))
+    sizes = table.groupby("group", sort=False)["n"].max() if "n" in table else None
+    fig, ax = plt.subplots(figsize=(8.5, 0.8 + 0.42 * len(groups) * max(1, len(fms)) ** 0.5))
     offsets = np.linspace(-0.15, 0.15, len(fms)) if len(fms) > 1 else [0.0]
     for off, fm in zip(offsets, fms, strict=True):
         sub = table[table["fm"] == fm].set_index("group").reindex(groups)
@@ -72,12 +90,14 @@ def plot_subgroups(table: pd.DataFrame, out: Path, *, title: str) -> Path:
         ax.errorbar(est[ok], y[ok], xerr=np.abs(err[:, ok]), fmt="o", capsize=3, label=f"FM {fm}")
         for yy in y[~ok]:
             ax.text(0.5, yy, "undefined", va="center", fontsize=8, color="grey")
-    ax.set_yticks(range(len(groups)), groups)
+    labels = [f"{g} (n={int(sizes[g])})" if sizes is not None else g for g in groups]
+    ax.set_yticks(range(len(groups)), labels)
+    ax.invert_yaxis()
     ax.set_xlim(0.3, 1.0)
     ax.axvline(0.5, color="grey", lw=0.5, ls=":")
-    ax.set_xlabel("AUROC (95% interval)")
+    ax.set_xlabel("AUROC (95% interval; n = test images in the group)")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(fig, out)
 
 
