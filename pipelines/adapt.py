@@ -75,6 +75,9 @@ def main(name: str, task: str) -> None:
             parent_run_id=parent,
             key=runs[str(seed)],
         ) as active:  # the run spans the training, so MLflow shows its real duration
+            tracking.log_dataset(meta, name=f"task-{task}", source=str(images.folder),
+                                 digest=images.fingerprint, context="downstream",
+                                 targets="label")  # fmt: skip
             result = adapt(weights, images, meta, cfg, seed=seed, features=features)
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items() if k != "seeds"})
             # what the runs differ in, as params: Compare's "show diff only" and the parallel

@@ -76,6 +76,8 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
     ) as active:
         run_id = active.info.run_id
         if not previous:
+            tracking.log_dataset(images.meta, name=f"cohort-{fm.site}", source=str(fm.source),
+                                 digest=images.fingerprint, context="pre-training")  # fmt: skip
             mlflow.log_params({f"arch.{k}": v for k, v in arch.model_dump().items()})
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items()})
             mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe})

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import yaml
@@ -26,6 +26,9 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from retfm.settings import Settings
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,22 @@ def experiment_id(settings: Settings, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def log_dataset(
+    meta: pd.DataFrame, *, name: str, source: str, digest: str, context: str,
+    targets: str | None = None,
+) -> None:
+    """Record in the active run which data it read (MLflow's dataset tracking: the Datasets
+    column of the runs table and the run's Inputs): the table's name, where it lives (the DVC
+    output path), its content digest and its schema and size, never its rows."""
+    import mlflow.data
+
+    dataset = mlflow.data.from_pandas(
+        meta.reset_index(drop=True), source=source, name=name, digest=digest[:16],
+        targets=targets if targets in meta.columns else None,
+    )  # fmt: skip
+    mlflow.log_input(dataset, context=context)
 
 
 def git_commit(root: Path = Path(".")) -> str:
