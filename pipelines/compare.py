@@ -261,6 +261,7 @@ def _tag_models(  # noqa: ANN001, PLR0913
         head = (mv.description or "").split("\n\n**Evaluation**")[0]
         client.update_model_version(reg["name"], version, description=f"{head}\n\n{text}")
         _link_metrics(client, mv, mine, tags, study_run)
+        _evaluated_card(client, mv, text)
 
 
 def _link_metrics(client, mv, runs: pd.DataFrame, tags: dict, study_run: str) -> None:  # noqa: ANN001
@@ -280,6 +281,35 @@ def _link_metrics(client, mv, runs: pd.DataFrame, tags: dict, study_run: str) ->
                        dataset_name=str(task), dataset_digest=tags["eval.data"])
                 for task, v in per_task.items()]  # fmt: skip
     client.log_batch(study_run, metrics=metrics)
+
+
+def _evaluated_card(client, mv, evaluation: str) -> None:  # noqa: ANN001
+    """The version's model card with its evaluation filled in (``extra_files/model_card.md``
+    of its logged model, rewritten in place), plus ``evaluation.md`` for every version."""
+    import tempfile
+
+    model_id = getattr(mv, "model_id", None)
+    if not model_id:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "evaluation.md").write_text(evaluation + "\n")
+        client.log_model_artifact(model_id, str(folder / "evaluation.md"), "extra_files")
+        try:
+            card = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{client.get_logged_model(model_id).artifact_location}"
+                "/extra_files/model_card.md", dst_path=str(folder / "old")))  # fmt: skip
+        except Exception:  # noqa: BLE001 - a classifier has no model card
+            return
+        text = card.read_text()
+        if "## Evaluation" in text:
+            before, _, rest = text.partition("## Evaluation")
+            after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
+            text = f"{before}## Evaluation\n{evaluation}\n\n## {after}" if after else (
+                f"{before}## Evaluation\n{evaluation}\n"
+            )
+        (folder / "model_card.md").write_text(text)
+        client.log_model_artifact(model_id, str(folder / "model_card.md"), "extra_files")
 
 
 def _is_number(value: str) -> bool:

@@ -135,12 +135,16 @@ def model_card(
         f"{preprocessing.get('mean')} and std {preprocessing.get('std')}",
         f"- output `features`: float32 (batch, embed_dim): "
         f"{_FEATURES.get(str(arch.get('global_pool')), 'pooled encoder tokens')}.",
-        f"- architecture: `{arch}`",
+        "",
+        "| architecture | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in arch.items()],
         "",
         "## Training data",
         *data_lines,
         f"- recipe: `{tags.get('recipe')}` (hash `{tags.get('recipe.hash')}`); "
         f"params hash `{tags.get('params.hash')}`; git commit `{tags.get('git.commit')}`",
+        *_card_summary(data_card),
         "- the full data card (age, sex, ethnicity, camera mix) is attached as `data_card.json`.",
         "",
         "## Evaluation",
@@ -151,6 +155,28 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_summary(card: dict | None) -> list[str]:
+    """The data card's headline figures as a table (the full card is attached)."""
+    if not card or card.get("imported"):
+        return []
+    rows = []
+    age = (card.get("age") or {}).get("summary") or {}
+    if age.get("mean") is not None:
+        rows.append(("age, mean (sd)", f"{age['mean']:.1f} ({age.get('sd', float('nan')):.1f})"))
+    for name, dist in (card.get("distributions") or {}).items():
+        shares = (dist or {}).get("shares") or {}
+        if shares:
+            rows.append((name, ", ".join(f"{k} {v:.0%}" for k, v in list(shares.items())[:7])))
+    disease = card.get("disease") or {}
+    if disease.get("prevalence") is not None:
+        rows.append(("disease prevalence",
+                     f"{disease['prevalence']:.1%} ({disease.get('diseased')} of "
+                     f"{disease.get('known')} with a known diagnosis)"))  # fmt: skip
+    if not rows:
+        return []
+    return ["", "| cohort | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
 
 
 class StaleRecordError(ValueError):
