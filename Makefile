@@ -29,9 +29,10 @@ data: $(STAMP)
 repro: $(STAMP)
 	dvc repro
 
-## every test (unit + end-to-end on the tiny profile + real services on loopback)
+## every test (unit + end-to-end on the tiny profile + real services on loopback), on two
+## workers: the tests that share the session's tiny study run on one (xdist_group "study")
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 test-quick: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e and not services"

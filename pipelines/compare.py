@@ -223,6 +223,7 @@ def _track(  # noqa: ANN001
         mlflow.log_artifact(str(out / "report.html"))
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifacts(str(out / "figures"), "figures")
+        _log_images(out / "figures")
         study_run = active.info.run_id
     _tag_models(settings, client, runs, groups, factors, eval_data, study_run)
 
@@ -310,6 +311,16 @@ def _evaluated_card(client, mv, evaluation: str) -> None:  # noqa: ANN001
             )
         (folder / "model_card.md").write_text(text)
         client.log_model_artifact(model_id, str(folder / "model_card.md"), "extra_files")
+
+
+def _log_images(folder: Path) -> None:
+    """The study's figures as MLflow images (key ``figures/<name>``): the experiment's Chart
+    view shows them at once, e.g. every FM's per-subgroup AUROC with intervals per task."""
+    from PIL import Image
+
+    for path in sorted(folder.glob("*.png")):
+        with Image.open(path) as img:
+            mlflow.log_image(img.convert("RGB"), key=f"figures/{path.stem}", step=0)
 
 
 def _is_number(value: str) -> bool:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]  # one worker builds it
 
 FMS = {"mae-hospital": "hospital", "mae-screening": "screening"}  # FM -> site
 

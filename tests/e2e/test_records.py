@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from retfm.profiles import apply_overrides
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]  # one worker builds it
 
 #: One stage of each kind, in pipeline order.
 STAGES = (

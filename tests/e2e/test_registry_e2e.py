@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from retfm.data.shards import load_image
 from retfm.models.encoder import Preprocessing
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]  # one worker builds it
 
 FM, TASK = "mae-hospital", "hospital_dr"
 CLASSIFIER = f"clf-{TASK}-fm-{FM}"
@@ -147,3 +147,31 @@ def test_promote_reads_the_study_evaluation_and_reports_every_gate(study, sh) ->
         client.get_model_version_by_alias(f"fm-{FM}", "candidate").tags["promotion.last"]
     )
     assert last["promoted"] == all_pass
+
+
+def test_a_classifier_is_promoted_with_other_settings_recorded_then_rolled_back(study, sh) -> None:  # noqa: ANN001, E501
+    """The study's own settings first (recorded on the version); then, refused, a looser
+    promotion file only with --allow-other-settings, recorded as such; then a rollback."""
+    model = CLASSIFIER
+    client = MlflowClient(study.tracking_uri, study.tracking_uri)
+    tags = client.get_model_version_by_alias(model, "candidate").tags
+    assert tags["eval/auroc"] and "eval.promotion_settings" in tags  # classifiers are evaluated
+    loose = study.path / "loose.yaml"
+    params = (study.path / "params.yaml").read_text()
+    loose.write_text(params.replace("floor: 0.6", "floor: 0.0").replace("max_gap: 0.25",
+                                                                       "max_gap: 1.0"))  # fmt: skip
+    refused = sh(["retfm", "promote", model, "--params", str(loose)], study.path, check=False)
+    assert refused.returncode == 1
+    assert "[FAIL] promotion settings are the study's: OTHER settings" in refused.stdout
+    allowed = sh(["retfm", "promote", model, "--params", str(loose), "--allow-other-settings"],
+                 study.path, check=False)  # fmt: skip
+    # tiny test sets leave groups undefined that even these settings do not exclude
+    granted = allowed.returncode == 0
+    assert ("PROMOTED" in allowed.stdout) == granted, allowed.stdout
+    last = json.loads(client.get_model_version_by_alias(model, "candidate").tags["promotion.last"])
+    assert last["settings"]["max_gap"] == 1.0  # the record says which settings were applied
+    if granted:
+        back = sh(["retfm", "rollback", model], study.path)
+        assert "ROLLED BACK" in back.stdout and "champion" not in client.get_registered_model(
+            model
+        ).aliases

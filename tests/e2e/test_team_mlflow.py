@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.services]
+pytestmark = [pytest.mark.e2e, pytest.mark.services, pytest.mark.xdist_group("study")]
 
 SITES = ("hospital", "screening")
 N_JOBS, N_KEYS, N_STEPS = 8, 5, 100  # 500 metric values per job

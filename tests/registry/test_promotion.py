@@ -326,7 +326,8 @@ def test_rollback_returns_to_the_previous_champion_then_has_nothing_left(registr
     assert cli.exit_code == 0, cli.output
     assert _champion(client) == "1"
     first = runner.invoke(app, ["rollback", NAME, "--params", "params.yaml"])
-    assert first.exit_code == 0 and "no champion" in first.output  # before the first promotion
+    assert first.exit_code == 0  # back to before the first promotion
+    assert "ROLLED BACK: fm-hospital @champion from version 1 to no champion" in first.output
     assert _champion(client) is None
     empty = runner.invoke(app, ["rollback", NAME, "--params", "params.yaml"])
     assert empty.exit_code == 1 and "no promotion to roll back" in empty.output

@@ -55,6 +55,9 @@ class Decision:
     settings: dict = field(default_factory=dict)  # the promotion settings the gates applied
 
     def report(self) -> str:
+        if any(g.name == "rollback" for g in self.gates):
+            to = self.version or "no champion (unset)"
+            return f"ROLLED BACK: {self.model} @{CHAMPION} from version {self.previous_champion} to {to}"
         verdict = "PROMOTED" if self.promoted else "REFUSED"
         target = f"version {self.version}" if self.version else "no version (champion unset)"
         head = f"{verdict}: {self.model} {target} -> @{CHAMPION}"
@@ -154,8 +157,9 @@ def _settings_gate(cfg: PromotionSettings, candidate: dict[str, str], allow: boo
     (``eval.promotion_settings``) must be the ones applied now, or the difference is loud."""
     from retfm.registry.evaluation import settings_digest
 
-    given, recorded = settings_digest(cfg.model_dump(mode="json")), candidate.get(
-        "eval.promotion_settings"
+    given, recorded = (
+        settings_digest(cfg.model_dump(mode="json")),
+        candidate.get("eval.promotion_settings"),
     )
     if recorded is None:
         return Gate("promotion settings are the study's", False, "not evaluated",
@@ -163,8 +167,10 @@ def _settings_gate(cfg: PromotionSettings, candidate: dict[str, str], allow: boo
     if given == recorded:
         return Gate("promotion settings are the study's", True, f"{given}", f"{recorded}")
     value = f"OTHER settings {given} (the study recorded {recorded})"
-    limit = "the study's settings; --allow-other-settings given: recorded" if allow else (
-        "the study's settings (or --allow-other-settings, recorded in the decision)"
+    limit = (
+        "the study's settings; --allow-other-settings given: recorded"
+        if allow
+        else ("the study's settings (or --allow-other-settings, recorded in the decision)")
     )
     return Gate("promotion settings are the study's", allow, value, limit)
 
@@ -239,9 +245,12 @@ def _record(client: MlflowClient, decision: Decision, experiment_id: str) -> Non
             "model.version": decision.version or "none",
             "promoted": str(decision.promoted).lower(),
             "outcome": outcome,
-            "settings.other": str(any(g.name == "promotion settings are the study's"
-                                      and g.value.startswith("OTHER") for g in decision.gates)
-                                  ).lower(),
+            "settings.other": str(
+                any(
+                    g.name == "promotion settings are the study's" and g.value.startswith("OTHER")
+                    for g in decision.gates
+                )
+            ).lower(),
         },
     )
     client.log_text(run.info.run_id, payload, "promotion.json")
