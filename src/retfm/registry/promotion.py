@@ -57,7 +57,8 @@ class Decision:
     def report(self) -> str:
         if any(g.name == "rollback" for g in self.gates):
             to = self.version or "no champion (unset)"
-            return f"ROLLED BACK: {self.model} @{CHAMPION} from version {self.previous_champion} to {to}"
+            was = self.previous_champion
+            return f"ROLLED BACK: {self.model} @{CHAMPION} from version {was} to {to}"
         verdict = "PROMOTED" if self.promoted else "REFUSED"
         target = f"version {self.version}" if self.version else "no version (champion unset)"
         head = f"{verdict}: {self.model} {target} -> @{CHAMPION}"
