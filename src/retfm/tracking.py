@@ -189,12 +189,19 @@ def log_dataset(
     """Record in the active run which data it read (MLflow's dataset tracking: the Datasets
     column of the runs table and the run's Inputs): the table's name, where it lives (the DVC
     output path), its content digest and its schema and size, never its rows."""
-    import mlflow.data
+    import warnings
 
-    dataset = mlflow.data.from_pandas(
-        meta.reset_index(drop=True), source=source, name=name, digest=digest[:16],
-        targets=targets if targets in meta.columns else None,
-    )  # fmt: skip
+    from mlflow.data.pandas_dataset import from_pandas
+
+    with warnings.catch_warnings():
+        # a DVC path resolves to MLflow's two local-artifact sources alike (same class name),
+        # and the schema hint about integer columns concerns model inputs, not a cohort table
+        warnings.filterwarnings("ignore", message="The specified dataset source can be")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        dataset = from_pandas(
+            meta.reset_index(drop=True), source=source, name=name, digest=digest[:16],
+            targets=targets if targets in meta.columns else None,
+        )  # fmt: skip
     mlflow.log_input(dataset, context=context)
 
 

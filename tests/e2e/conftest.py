@@ -91,6 +91,25 @@ def study(make_study: Callable[..., Study]) -> Study:
 
 
 @pytest.fixture(scope="session")
+def four(tmp_path_factory, clone: Callable, sh: Callable):  # noqa: ANN001, ANN201
+    """The four-FM study (tests/e2e/test_four_fms.py): stand-ins of the study's four released
+    checkpoints imported with no pre-training site, on profiles/recovery.yaml's task sets."""
+    from retfm.profiles import apply_overrides, apply_profile
+
+    tasks = ["hospital_dr", "screening_dr"]
+    repo = clone(tmp_path_factory.mktemp("four-fms"), profile="recovery")
+    out = sh(["retfm", "stand-in-checkpoints", "checkpoints"], repo)
+    assert "NOT the released weights" in out.stdout
+    apply_profile(repo / "params.yaml", repo / "profiles" / "four-fms.yaml")
+    apply_overrides(repo / "params.yaml", {"study": {"sites": [], "tasks": tasks},
+                                           "adapt": {"seeds": [0, 1]}})  # fmt: skip
+    sh(["retfm", "synth"], repo)  # no site pools: only the downstream sets
+    assert not (repo / "data" / "sites").exists()
+    sh(["dvc", "add", "-q", "data"], repo)
+    return Study(repo, sh(["dvc", "repro"], repo))
+
+
+@pytest.fixture(scope="session")
 def sh() -> Callable[..., subprocess.CompletedProcess]:
     """Run a command in a study repo with the project's venv on PATH."""
     return run

@@ -15,16 +15,13 @@ not false, positives and are not asserted either way.)"""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from retfm.profiles import apply_overrides, apply_profile
 from retfm.reporting.summary import factor_verdicts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("four")]  # with test_views.py
 
 FMS = {
     "mae-hospital": ("hospital", "mae", "RETFound_mae_meh.pth"),
@@ -32,22 +29,7 @@ FMS = {
     "dinov2-hospital": ("hospital", "dinov2", "RETFound_dinov2_meh.pth"),
     "dinov2-screening": ("screening", "dinov2", "RETFound_dinov2_shanghai.pth"),
 }
-TASKS = ["hospital_dr", "screening_dr"]
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory, clone: Callable, sh: Callable):  # noqa: ANN001, ANN201
-    repo = clone(tmp_path_factory.mktemp("four-fms"), profile="recovery")
-    out = sh(["retfm", "stand-in-checkpoints", "checkpoints"], repo)
-    assert "NOT the released weights" in out.stdout
-    apply_profile(repo / "params.yaml", repo / "profiles" / "four-fms.yaml")
-    apply_overrides(repo / "params.yaml", {"study": {"sites": [], "tasks": TASKS},
-                                           "adapt": {"seeds": [0, 1]}})  # fmt: skip
-    sh(["retfm", "synth"], repo)  # no site pools: only the downstream sets
-    assert not (repo / "data" / "sites").exists()
-    sh(["dvc", "add", "-q", "data"], repo)
-    sh(["dvc", "repro"], repo)
-    return SimpleNamespace(path=repo, tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+TASKS = ["hospital_dr", "screening_dr"]  # the ``four`` study (tests/e2e/conftest.py)
 
 
 def test_stages_follow_the_fms_and_nothing_is_pretrained(four, sh) -> None:  # noqa: ANN001
