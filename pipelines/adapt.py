@@ -198,6 +198,14 @@ def _register_classifier(
         attachments={},
         description=f"{task} classifier ({settings.adapt.method}) on {fm.model_name} "
         f"({fm.label}), seed {seed}.",
+        model_description=(
+            f"Classifier for task `{task}` ({len(result.classes)} classes: "
+            f"{', '.join(result.classes)}) adapted from foundation model `{fm.model_name}` "
+            f"({fm.label}) with RETFound's recipe (`adapt.method: {settings.adapt.method}`); "
+            "each version is the selected seed of one adaptation. Input: RGB images, "
+            "preprocessed as in the version's `preprocessing` metadata; output: class "
+            "probabilities. `retfm predict` runs it on a folder of images."
+        ),
     )
     write_registration(out / "classifier_registration.json", reg)
     return json.loads((out / "classifier_registration.json").read_text())

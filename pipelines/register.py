@@ -79,6 +79,14 @@ def main(name: str) -> None:
         tags=tags,
         attachments=attachments,
         description=f"{fm.recipe.upper()} ViT encoder, {source} ({run['recipe']}).",
+        model_description=(
+            f"Foundation model `{fm.name}`: a {fm.recipe.upper()} "
+            f"ViT encoder ({spec.embed_dim}-d features, {spec.img_size} px input) for site "
+            f"`{fm.site}`, {source}. Input: normalised RGB images as in the version's "
+            "`preprocessing` metadata; output: one feature vector per image. The model card "
+            "(`model_card.md`) and data card (`data_card.json`) travel with each version; after "
+            "`compare`, the version's description and `eval/...` tags hold the study's evaluation."
+        ),
     )
     write_registration(out / "registration.json", reg)
     state = "new version" if reg.created else "unchanged, existing version"  # printed, not stored

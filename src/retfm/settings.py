@@ -244,6 +244,15 @@ class PromotionSettings(_Frozen):
     undefined_groups: Literal["refuse", "exclude_small", "exclude"] = "refuse"
 
 
+KEY_SPEC = r"^(synthetic|env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$"  # retfm.data.pseudonyms.SPEC
+
+
+class PrivacySettings(_Frozen):
+    # where the site's key for pseudonymising patient ids is (retfm.data.pseudonyms): never the
+    # key itself. env:<VARIABLE> | file:<path> | synthetic (public; built-in synthetic data only)
+    pseudonym_key: Annotated[str, Field(pattern=KEY_SPEC)] = "env:RETFM_PSEUDONYM_KEY"
+
+
 class TrackingSettings(_Frozen):
     uri: str = "sqlite:///mlruns/mlflow.db"
     artifacts: str = "mlruns/artifacts"
@@ -263,6 +272,7 @@ class Settings(_Frozen):
     evaluation: EvaluationSettings = EvaluationSettings()
     compare: CompareSettings = CompareSettings()
     promotion: PromotionSettings = PromotionSettings()
+    privacy: PrivacySettings = PrivacySettings()
     tracking: TrackingSettings = TrackingSettings()
 
     @model_validator(mode="after")

@@ -183,7 +183,12 @@ def experiment_id(settings: Settings, name: str) -> str:
 
 
 def log_dataset(
-    meta: pd.DataFrame, *, name: str, source: str, digest: str, context: str,
+    meta: pd.DataFrame,
+    *,
+    name: str,
+    source: str,
+    digest: str,
+    context: str,
     targets: str | None = None,
 ) -> None:
     """Record in the active run which data it read (MLflow's dataset tracking: the Datasets

@@ -84,18 +84,41 @@ def make_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Cal
     return make
 
 
+def claim(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, group: str) -> None:
+    """Under ``--dist loadgroup`` one worker builds each group's session study: fail, naming
+    the cause, when a second worker is about to build it again (pytest-xdist 3.8 ignores
+    ``xdist_group`` under pytest 9.2, which silently doubled the suite's time)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None or not config.getvalue("loadgroup"):
+        return
+    marker = tmp_path_factory.getbasetemp().parent / f"group-{group}.worker"
+    try:
+        with marker.open("x") as fh:
+            fh.write(worker)
+    except FileExistsError:
+        pytest.fail(
+            f"xdist_group {group!r}: worker {marker.read_text()} already built this study and "
+            f"{worker} was sent tests of the same group; this pytest / pytest-xdist pair "
+            "ignores --dist loadgroup. Install the versions pyproject.toml allows "
+            "(pip install -e '.[dev]')."
+        )
+
+
 @pytest.fixture(scope="session")
-def study(make_study: Callable[..., Study]) -> Study:
+def study(make_study: Callable[..., Study], request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Study:  # fmt: skip
     """The tiny study, reproduced end to end."""
+    claim(request.config, tmp_path_factory, "study")
     return make_study("study")
 
 
 @pytest.fixture(scope="session")
-def four(tmp_path_factory, clone: Callable, sh: Callable):  # noqa: ANN001, ANN201
+def four(tmp_path_factory, clone: Callable, sh: Callable, request):  # noqa: ANN001, ANN201
     """The four-FM study (tests/e2e/test_four_fms.py): stand-ins of the study's four released
     checkpoints imported with no pre-training site, on profiles/recovery.yaml's task sets."""
     from retfm.profiles import apply_overrides, apply_profile
 
+    claim(request.config, tmp_path_factory, "four")
     tasks = ["hospital_dr", "screening_dr"]
     repo = clone(tmp_path_factory.mktemp("four-fms"), profile="recovery")
     out = sh(["retfm", "stand-in-checkpoints", "checkpoints"], repo)

@@ -39,6 +39,11 @@ def test_registry_holds_both_site_fms_as_runnable_onnx(study, client: MlflowClie
         out = model.predict(np.zeros((3, 3, img, img), dtype=np.float32))
         features = next(iter(out.values())) if isinstance(out, dict) else np.asarray(out)
         assert features.shape[0] == 3 and np.isfinite(features).all()
+        about = client.get_registered_model(f"fm-{fm}").description
+        assert f"Foundation model `{fm}`" in about and f"site `{site}`" in about, about
+        assert "`champion` the one promoted by `retfm promote`" in about
+    about = client.get_registered_model("clf-hospital_dr-fm-mae-hospital").description
+    assert "Classifier for task `hospital_dr`" in about and "`fm-mae-hospital`" in about, about
 
 
 def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: MlflowClient) -> None:
@@ -70,6 +75,20 @@ def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: Mlflow
         assert r.data.tags.get("mlflow.parentRunId")
 
 
+def test_each_registered_classifier_carries_its_evaluation_metrics(study, client) -> None:  # noqa: ANN001
+    """MLflow 3's model metrics: the headline figures sit on the logged model itself."""
+    for fm in FMS:
+        for task in ("hospital_dr", "screening_dr", "public_dr"):
+            version = client.get_model_version_by_alias(f"clf-{task}-fm-{fm}", "candidate")
+            model = client.get_logged_model(version.model_id)
+            linked = {m.key: m.value for m in model.metrics or []}
+            assert {"auroc", "auroc_lo", "auroc_hi", "ece"} <= set(linked), (fm, task, linked)
+            run = client.get_run(model.source_run_id)
+            assert linked["auroc"] == run.data.metrics["auroc"]
+            assert any(k.startswith("gap/auroc/") for k in linked)
+            assert not any(k.startswith("n/") for k in linked)  # counts stay on the run
+
+
 def test_compare_writes_report_and_summary(study, sh) -> None:
     summary = json.loads((study.path / "outputs/study/summary.json").read_text())
     assert summary["tasks"], summary
@@ -88,6 +107,33 @@ def test_compare_writes_report_and_summary(study, sh) -> None:
             assert verdict in allowed or verdict.startswith("undetermined ("), verdict
     table = pd.read_parquet(study.path / "outputs/evaluation/runs.parquet")
     assert set(table["fm"]) == set(FMS)
+
+
+def test_no_patient_id_in_clear_downstream_of_validation(study) -> None:
+    """Every table a team pushes (DVC outs) or logs (MLflow artifacts) carries pseudonyms."""
+    ids = {
+        str(p)
+        for csv in (study.path / "data").glob("*/*/metadata.csv")
+        for p in pd.read_csv(csv, usecols=["patient_id"])["patient_id"]
+    }
+    assert len(ids) > 100
+    seen = 0
+    for root in (study.path / "outputs", study.path / "mlruns" / "artifacts"):
+        for path in root.rglob("*"):
+            if path.suffix in (".parquet", ".csv") and path.is_file():
+                table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+                if "patient_id" in table.columns:
+                    seen += 1
+                    assert table["patient_id"].astype(str).str.fullmatch(r"pt-[0-9a-f]{16}").all()
+                strings = table.select_dtypes(exclude="number")
+                cells = {str(v) for c in strings.columns for v in strings[c]}
+                assert not ids & cells, (path, sorted(ids & cells)[:3])
+            elif path.suffix in (".json", ".md", ".html", ".txt", ".yaml") and path.is_file():
+                text = path.read_text(errors="replace")
+                assert not [p for p in list(ids)[:400] if p in text], path
+    assert seen >= 8  # validated, cohort, packed, prediction tables at least
+    record = json.loads((study.path / "outputs/validation/pseudonyms.json").read_text())
+    assert record["key"] == "synthetic" and len(record["key_id"]) == 12
 
 
 def test_second_repro_finds_nothing_to_do(study, sh) -> None:

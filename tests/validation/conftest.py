@@ -15,6 +15,7 @@ from retfm.settings import Settings, parse_settings
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 SITE_HEADER = "image_id,patient_id,path,age,sex,ethnicity,eye,camera"
 TASK_HEADER = "image_id,patient_id,path,label,split,source_site,age,sex"
+KEY = "5f" * 32  # a test key (hex)
 
 
 def write_png(path: Path, side: int = 40, mode: str = "RGB", seed: int = 0) -> Path:
@@ -32,11 +33,14 @@ def png() -> Callable[..., Path]:
 
 
 @pytest.fixture
-def settings() -> Settings:
+def settings(tmp_path: Path) -> Settings:
     raw = yaml.safe_load(PARAMS.read_text())
     raw["study"]["sites"] = ["hospital", "screening"]
     raw["study"]["tasks"] = ["hospital_dr"]
     raw["validation"].update(min_image_side=32, check_images=True, workers=2, max_report_rows=5)
+    # the tables' ids are not the synthetic data's, so a site key, as a hospital would have it
+    (tmp_path / "site.key").write_text(KEY + "\n")
+    raw["privacy"] = {"pseudonym_key": f"file:{tmp_path / 'site.key'}"}
     return parse_settings(raw)
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -252,3 +253,53 @@ def test_a_symlink_out_of_the_folder_is_refused(make_data, tmp_path, settings, p
     assert f"row 5 = 'outside_folder: a symbolic link leads to {target}, outside {site}'" in text
     assert "[images/hospital3.png]" in text and "[linked/x.png]" in text
     assert "row 3 " not in text
+
+
+def test_validated_tables_carry_pseudonyms_not_the_hospitals_ids(make_data, tmp_path, settings):
+    data = make_data()
+    out = tmp_path / "out"
+    validate_raw(settings, data, out)
+    raw = {
+        name: pd.read_csv(data / kind / name / "metadata.csv")
+        for kind, name in [("sites", "hospital"), ("sites", "screening"), ("tasks", "hospital_dr")]
+    }
+    written = {
+        name: pd.read_parquet(out / kind / f"{name}.parquet")
+        for kind, name in [("sites", "hospital"), ("sites", "screening"), ("tasks", "hospital_dr")]
+    }
+    from retfm.data.pseudonyms import load_key, pseudonym
+
+    key = load_key(settings.privacy.pseudonym_key)
+    for name, table in written.items():
+        assert table["patient_id"].str.fullmatch(r"pt-[0-9a-f]{16}").all()
+        expected = [pseudonym(key, p) for p in raw[name]["patient_id"].astype(str)]
+        assert table["patient_id"].tolist() == expected  # row order and grouping kept
+    ids = {str(p) for t in raw.values() for p in t["patient_id"]}
+    for path in out.rglob("*"):  # tables, report, Data Docs
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+            cells = {str(v) for c in table.columns for v in table[c]}
+            assert not ids & cells, (path, ids & cells)
+        elif path.suffix in (".json", ".html"):
+            text = path.read_text()
+            leaked = [p for p in ids if re.search(rf"\b{p}\b", text)]
+            assert not leaked and key.secret.hex() not in text, (path, leaked)
+    record = json.loads((out / "pseudonyms.json").read_text())
+    assert record["key_id"] == key.key_id and record["patients"] == len(ids)
+
+
+def test_a_missing_site_key_stops_validation_before_it_starts(make_data, tmp_path, settings,
+                                                              monkeypatch) -> None:  # fmt: skip
+    from retfm.data.pseudonyms import PseudonymError
+
+    monkeypatch.delenv("RETFM_PSEUDONYM_KEY", raising=False)
+    env_key = settings.model_copy(
+        update={
+            "privacy": settings.privacy.model_copy(
+                update={"pseudonym_key": "env:RETFM_PSEUDONYM_KEY"}
+            )
+        }  # fmt: skip
+    )
+    with pytest.raises(PseudonymError, match="RETFM_PSEUDONYM_KEY is not set"):
+        validate_raw(env_key, make_data(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written

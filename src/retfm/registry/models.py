@@ -73,11 +73,14 @@ def register_onnx(
     tags: dict[str, str],
     attachments: dict[str, str],
     description: str,
+    model_description: str = "",
 ) -> Registration:
     """Log the ONNX model (+ weights and cards) into ``run_id`` and register it as ``name``.
 
     ``attachments`` maps a file name inside the model version to its text (cards); the
     safetensors weights travel in the same version so it can be fine-tuned further.
+    ``description`` is the version's, ``model_description`` the registered model's (what
+    the model is, across its versions; set on every call).
     """
     if not np.isfinite(parity) or parity > PARITY_LIMIT:
         raise RegistrationError(
@@ -89,6 +92,7 @@ def register_onnx(
     existing = find_version(client, name, content)
     if existing is not None:
         log.info("%s: weights unchanged, reusing version %s", name, existing)
+        _describe_model(client, name, model_description)
         client.set_registered_model_alias(name, CANDIDATE, existing)
         uri = f"models:/{name}/{existing}"
         return Registration(name, existing, uri, run_id, parity, weights_sha, False, content)
@@ -128,10 +132,28 @@ def register_onnx(
     for key, value in all_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     client.update_model_version(name, version, description=description)
+    _describe_model(client, name, model_description)
     client.set_registered_model_alias(name, CANDIDATE, version)
     return Registration(
         name, version, f"models:/{name}/{version}", run_id, parity, weights_sha, True, content
     )
+
+
+#: What every registered model's description ends with: how its versions and aliases work.
+ALIASES_NOTE = (
+    "One version per distinct weights (an unchanged rerun reuses its version). Aliases: "
+    f"`{CANDIDATE}` is the latest registered by the pipeline, `{CHAMPION}` the one promoted by "
+    "`retfm promote` (the gates and their record are in the promotion runs); `retfm rollback` "
+    "moves the champion back."
+)
+
+
+def _describe_model(client: MlflowClient, name: str, text: str) -> None:
+    if not text:
+        return
+    full = f"{text}\n\n{ALIASES_NOTE}"
+    if (client.get_registered_model(name).description or "") != full:
+        client.update_registered_model(name, description=full)
 
 
 def _opset(onnx_path: Path) -> int:

@@ -21,6 +21,7 @@ from great_expectations.data_context.types.base import (
 
 from retfm.data import schema
 from retfm.data.metadata import MetadataError, read_metadata
+from retfm.data.pseudonyms import load_key, pseudonymise, write_record
 from retfm.settings import Settings
 from retfm.validation import suites
 from retfm.validation.images import check_images
@@ -210,9 +211,13 @@ def validate_raw(
     (a CSV that cannot be read appears in the report only, as no GX suite ran on it); the
     normalised tables
     ``out_dir/sites/<site>.parquet`` and ``out_dir/tasks/<task>.parquet`` only when everything
-    passed (stale ones are removed otherwise). Raises :class:`ValidationFailed` on any failure.
+    passed (stale ones are removed otherwise), their ``patient_id`` pseudonymised with the
+    site's key (:mod:`retfm.data.pseudonyms`; ``out_dir/pseudonyms.json`` records the method and
+    the key's fingerprint). Raises :class:`ValidationFailed` on any failure,
+    :class:`~retfm.data.pseudonyms.PseudonymError` when the key cannot be read or used.
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
+    key = load_key(settings.privacy.pseudonym_key)  # at the door: before minutes of checks
     runner = SuiteRunner(docs_dir or out_dir / "data_docs", settings.validation.max_report_rows)
     report = ValidationReport()
     tables: dict[Path, pd.DataFrame | None] = {}
@@ -225,11 +230,15 @@ def validate_raw(
         report.suites.append(result)
         tables[out_dir / kind / f"{name}.parquet"] = df
     _finish(report, runner, out_dir)
-    for path, df in tables.items():
-        assert df is not None  # every table read, or _finish raised
+    read = {path: df for path, df in tables.items() if df is not None}  # all, or _finish raised
+    names = {path: str(data_root / path.parent.name / path.stem / "metadata.csv") for path in read}
+    private = pseudonymise({names[p]: df for p, df in read.items()}, key)
+    for path in read:
         path.parent.mkdir(parents=True, exist_ok=True)
         # no attrs: they hold this machine's paths, and DVC should hash the data alone
-        _without_attrs(df).to_parquet(path, index=False)
+        _without_attrs(private[names[path]]).to_parquet(path, index=False)
+    patients = len({pid for df in private.values() for pid in df["patient_id"]})
+    write_record(key, out_dir / "pseudonyms.json", patients)
     return report
 
 
