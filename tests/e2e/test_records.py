@@ -122,9 +122,10 @@ def test_doctor_names_each_tampered_record(records, sh) -> None:  # noqa: ANN001
         found = disagreements()
         assert any("data card" in x and "hospital" in x and "holds" in x for x in found), found
         card_path.write_text(card_text)
-        params.write_text(params_text.replace("strategy: random", "strategy: stratified"))
+        assert "strategy: stratified" in params_text  # profiles/tiny.yaml
+        params.write_text(params_text.replace("strategy: stratified", "strategy: matched"))
         found = disagreements()
-        assert any("cohort.strategy" in x and "stratified" in x for x in found), found
+        assert any("cohort.strategy" in x and "matched" in x for x in found), found
         params.write_text(params_text)
         client.set_model_version_tag("fm-mae-screening", version.version, "data.md5", "0" * 32)
         found = disagreements()
