@@ -23,7 +23,7 @@ from retfm.evaluation.runs import groupings
 from retfm.evaluation.simulation import design_from_predictions
 from retfm.fms import fm_recipes, fm_sites, study_fms
 from retfm.registry.evaluation import description, evaluation_tags, settings_digest
-from retfm.registry.models import recorded_version
+from retfm.registry.models import logged_model_id, recorded_version
 from retfm.reporting.plots import (
     plot_differences,
     plot_factor_effects,
@@ -270,12 +270,10 @@ def _link_metrics(client, mv, runs: pd.DataFrame, tags: dict, study_run: str) ->
     from the study run, each with the test set it was measured on."""
     from mlflow.entities import Metric
 
-    model_id = getattr(mv, "model_id", None)
-    if not model_id:
-        return
+    model_id = logged_model_id(mv)
     now = mlflow.utils.time.get_current_time_millis()
-    metrics = [Metric(k.removeprefix("eval/"), float(v), now, 0,
-                      model_id=model_id, dataset_digest=tags["eval.data"])
+    metrics = [Metric(k.removeprefix("eval/"), float(v), now, 0, model_id=model_id,
+                      dataset_name="test-sets", dataset_digest=tags["eval.data"])
                for k, v in tags.items() if k.startswith("eval/") and _is_number(v)]  # fmt: skip
     per_task = runs.groupby("task")["auroc"].mean()
     metrics += [Metric(f"auroc/{task}", float(v), now, 0, model_id=model_id,
@@ -289,9 +287,7 @@ def _evaluated_card(client, mv, evaluation: str) -> None:  # noqa: ANN001
     of its logged model, rewritten in place), plus ``evaluation.md`` for every version."""
     import tempfile
 
-    model_id = getattr(mv, "model_id", None)
-    if not model_id:
-        return
+    model_id = logged_model_id(mv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "evaluation.md").write_text(evaluation + "\n")

@@ -15,7 +15,6 @@ from mlflow.entities import Metric
 from retfm import tracking
 from retfm.evaluation.runs import evaluate_predictions
 from retfm.fms import study_fms
-from retfm.registry.models import recorded_version
 from retfm.settings import load_settings
 from retfm.stage import stage
 
@@ -31,7 +30,6 @@ def main() -> None:
             folder = outputs / "adapt" / fm.name / task
             info = json.loads((folder / "runs.json").read_text())
             preds = pd.read_parquet(folder / "predictions.parquet")
-            model_id, model_run = _registered_classifier(client, folder)
             for seed, frame in preds.groupby("seed", sort=True):
                 key = info["runs"][str(seed)]
                 run_id = tracking.keyed_run_id(settings, "adapt", key)
@@ -45,8 +43,7 @@ def main() -> None:
                 if len(overall_ci):
                     metrics["auroc_lo"] = float(overall_ci["lo"].iloc[0])
                     metrics["auroc_hi"] = float(overall_ci["hi"].iloc[0])
-                linked = model_id if run_id == model_run else None
-                _log(client, run_id, metrics, result.groups, result.keys.undefined, linked)
+                _log(client, run_id, metrics, result.groups, result.keys.undefined)
                 context = {
                     "fm": fm.name,
                     "fm_site": fm.site,
@@ -77,16 +74,9 @@ def _log(
     metrics: dict[str, float],
     groups: pd.DataFrame,  # noqa: ANN001
     undefined: list[str],
-    model_id: str | None = None,
 ) -> None:
-    """The run's metrics; with ``model_id`` (the run that logged the registered classifier)
-    the headline ones are linked to that logged model too (MLflow 3's model metrics: the
-    model's page and the registry version show them)."""
     now = mlflow.utils.time.get_current_time_millis()
-    batch = [
-        Metric(k, float(v), now, 0, model_id=model_id if _headline(k) else None)
-        for k, v in metrics.items()
-    ]
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
     for start in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[start : start + 1000])
     client.set_tag(run_id, "eval.undefined", ",".join(undefined)[:5000] or "none")
@@ -95,25 +85,6 @@ def _log(
         if table[col].dtype == object:
             table[col] = table[col].astype(str)
     client.log_table(run_id, data=table, artifact_file="evaluation/groups.json")
-
-
-HEADLINE = ("auroc", "auroc_lo", "auroc_hi", "aupr", "accuracy", "f1_macro", "kappa", "ece")
-
-
-def _headline(key: str) -> bool:
-    return key in HEADLINE or key.startswith(("gap/auroc/", "worst/auroc/"))
-
-
-def _registered_classifier(client, folder) -> tuple[str | None, str | None]:  # noqa: ANN001
-    """(logged model id, the run that logged it) of the (FM, task)'s registered classifier."""
-    path = folder / "classifier_registration.json"
-    if not path.is_file():
-        return None, None
-    record = json.loads(path.read_text())
-    version = client.get_model_version(record["name"], recorded_version(client, record))
-    if not version.model_id:
-        return None, None
-    return version.model_id, client.get_logged_model(version.model_id).source_run_id
 
 
 def _write_dvc_metrics(runs: pd.DataFrame, folder) -> None:  # noqa: ANN001

@@ -201,8 +201,9 @@ def _card_mismatch(root: Path, settings: Settings, fm: FM, mv: Any) -> list[str]
     try:
         from mlflow.tracking import MlflowClient
 
-        model_id = mv.model_id or str(mv.source).rsplit("/", 1)[-1]
-        location = MlflowClient().get_logged_model(model_id).artifact_location
+        from retfm.registry.models import logged_model_id
+
+        location = MlflowClient().get_logged_model(logged_model_id(mv)).artifact_location
         attached = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{location}/extra_files/data_card.json"

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,8 @@ def claim(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, group
         with marker.open("x") as fh:
             fh.write(worker)
     except FileExistsError:
+        if marker.read_text() == worker:
+            return  # claimed by this worker (pristine_study) just before it built the study
         pytest.fail(
             f"xdist_group {group!r}: worker {marker.read_text()} already built this study and "
             f"{worker} was sent tests of the same group; this pytest / pytest-xdist pair "
@@ -107,9 +110,50 @@ def claim(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, group
 @pytest.fixture(scope="session")
 def study(make_study: Callable[..., Study], request: pytest.FixtureRequest,
           tmp_path_factory: pytest.TempPathFactory) -> Study:  # fmt: skip
-    """The tiny study, reproduced end to end."""
+    """The tiny study, reproduced end to end (and a pristine copy: :func:`pristine_study`)."""
     claim(request.config, tmp_path_factory, "study")
-    return make_study("study")
+    snapshot = tmp_path_factory.getbasetemp().parent / "study-snapshot"
+    try:
+        built = make_study("study")
+    except BaseException:
+        snapshot.with_name("study-snapshot.failed").touch()  # no one waits for it in vain
+        raise
+    staging = snapshot.with_name(f"study-snapshot.{os.getpid()}")
+    shutil.copytree(built.path, staging / "study", symlinks=True)
+    staging.rename(snapshot)  # atomic: a reader sees all of it or nothing
+    return built
+
+
+@pytest.fixture(scope="session")
+def pristine_study(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Study:  # fmt: skip
+    """The tiny study as ``dvc repro`` left it, never mutated, for tests that only copy it (the
+    team tests: xdist_group "team"). Under ``--dist loadgroup`` they may run on the other
+    worker: it waits for the copy the ``study`` worker publishes (or builds the study itself
+    when no worker has), so the suite builds the tiny study once and its two heaviest groups
+    run side by side."""
+    root = tmp_path_factory.getbasetemp().parent
+    snapshot = root / "study-snapshot" / "study"
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None or not request.config.getvalue("loadgroup"):
+        request.getfixturevalue("study")
+        return Study(snapshot, subprocess.CompletedProcess([], 0))
+    owner = root / "group-study.worker"
+    try:
+        with owner.open("x") as fh:
+            fh.write(worker)  # nobody builds it yet: this worker does
+    except FileExistsError:
+        pass
+    if owner.read_text() == worker:
+        request.getfixturevalue("study")
+    deadline = time.monotonic() + 1800
+    while not snapshot.is_dir():
+        if (root / "study-snapshot.failed").exists():
+            pytest.fail(f"building the tiny study failed on worker {owner.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"worker {owner.read_text()} did not publish the tiny study in 30 min")
+        time.sleep(2)
+    return Study(snapshot, subprocess.CompletedProcess([], 0))
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +198,8 @@ def team_services(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - g
 
 
 @pytest.fixture(scope="session")
-def team_study(team_services, tmp_path_factory: pytest.TempPathFactory, study: Study) -> Study:
+def team_study(team_services, tmp_path_factory: pytest.TempPathFactory,
+               pristine_study: Study) -> Study:  # fmt: skip
     """The finished tiny study moved onto the team's MLflow server, as the README says:
     a copy of the session's study (made on the embedded store, which the copy drops), pointed at
     the server and ``retfm relink``-ed; its state then committed to git. ``repro`` holds the
@@ -162,7 +207,7 @@ def team_study(team_services, tmp_path_factory: pytest.TempPathFactory, study: S
     server = team_services[2]
     env = {"MLFLOW_TRACKING_URI": server.uri}
     repo = tmp_path_factory.mktemp("team-study") / "study"
-    shutil.copytree(study.path, repo, symlinks=True)
+    shutil.copytree(pristine_study.path, repo, symlinks=True)
     shutil.rmtree(repo / "mlruns")  # nothing may still read the embedded store
     proc = run(["retfm", "relink"], repo, env=env)
     run(["git", "add", "-A"], repo)

@@ -156,6 +156,13 @@ def _describe_model(client: MlflowClient, name: str, text: str) -> None:
         client.update_registered_model(name, description=full)
 
 
+def logged_model_id(version) -> str:  # noqa: ANN001 - mlflow ModelVersion
+    """The id of the logged model behind a registry version. MLflow 3.17's SQL registry leaves
+    ``ModelVersion.model_id`` empty for versions made by ``log_model(registered_model_name=)``;
+    their source is ``models:/<model id>``."""
+    return version.model_id or str(version.source).rsplit("/", 1)[-1]
+
+
 def _opset(onnx_path: Path) -> int:
     model = onnx.load(str(onnx_path), load_external_data=False)
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
