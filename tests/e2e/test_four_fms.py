@@ -48,7 +48,7 @@ def test_stages_follow_the_fms_and_nothing_is_pretrained(four, sh) -> None:  # n
 
 
 def test_four_fms_are_registered_with_their_identity(four) -> None:  # noqa: ANN001
-    client = MlflowClient(four.tracking_uri)
+    client = MlflowClient(four.tracking_uri, four.tracking_uri)
     for fm, (site, recipe, file) in FMS.items():
         record = four.path / "outputs" / "register" / fm / "registration.json"
         reg = json.loads(record.read_text())
@@ -66,7 +66,7 @@ def test_four_fms_are_registered_with_their_identity(four) -> None:  # noqa: ANN
 
 
 def test_adaptation_runs_carry_fm_site_and_recipe(four) -> None:  # noqa: ANN001
-    client = MlflowClient(four.tracking_uri)
+    client = MlflowClient(four.tracking_uri, four.tracking_uri)
     exp = client.get_experiment_by_name("adapt")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'adapt'", max_results=500)
     seen = {(r.data.params["fm"], r.data.params["task"], r.data.params["seed"]) for r in runs}

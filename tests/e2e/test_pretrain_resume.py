@@ -55,7 +55,7 @@ def test_killed_pretrain_stage_resumes_into_the_same_run(tmp_path, clone, sh, ti
     assert run["steps"] == 12 * steps_per_epoch
 
     uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, uri)
     exp = client.get_experiment_by_name("pretrain")
     runs = client.search_runs([exp.experiment_id], "tags.fm = 'mae-hospital'")
     assert len(runs) == 1  # one run, resumed, not a new one

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.e2e, pytest.mark.services, pytest.mark.xdist_group("team")]
+pytestmark = [pytest.mark.e2e, pytest.mark.services, pytest.mark.xdist_group("study")]
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.services, pytest.mark.xdist_group("team")]
+pytestmark = [pytest.mark.e2e, pytest.mark.services, pytest.mark.xdist_group("study")]
 
 SITES = ("hospital", "screening")
 N_JOBS, N_KEYS, N_STEPS = 8, 5, 100  # 500 metric values per job
@@ -192,7 +192,7 @@ def test_eight_parallel_jobs_lose_no_metric(server, tmp_path) -> None:
     times = [float(out.strip().splitlines()[-1].split()[1]) for out, _ in results]
     print(f"{N_JOBS} jobs x {N_KEYS * N_STEPS} metrics: wall {wall:.1f} s, per job {times}")
 
-    client = MlflowClient(server.uri)
+    client = MlflowClient(server.uri, server.uri)
     exp = client.get_experiment_by_name("load")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     assert len(runs) == N_JOBS

@@ -69,7 +69,7 @@ def test_experiments_open_in_the_model_training_view(ui, shots, tmp_path) -> Non
 
 
 def test_the_study_run_and_its_figures_are_there(ui, four, shots, tmp_path) -> None:  # noqa: ANN001
-    client = MlflowClient(four.tracking_uri)
+    client = MlflowClient(four.tracking_uri, four.tracking_uri)
     exp = client.get_experiment_by_name("study")
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     dom = render(f"{ui}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning",
