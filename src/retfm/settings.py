@@ -244,7 +244,7 @@ class PromotionSettings(_Frozen):
     undefined_groups: Literal["refuse", "exclude_small", "exclude"] = "refuse"
 
 
-KEY_SPEC = r"^(synthetic|env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$"  # retfm.data.pseudonyms.SPEC
+KEY_SPEC = r"^(synthetic|env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$"  # also load_key's check
 
 
 class PrivacySettings(_Frozen):

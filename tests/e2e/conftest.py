@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +96,6 @@ def claim(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, group
         with marker.open("x") as fh:
             fh.write(worker)
     except FileExistsError:
-        if marker.read_text() == worker:
-            return  # claimed by this worker (pristine_study) just before it built the study
         pytest.fail(
             f"xdist_group {group!r}: worker {marker.read_text()} already built this study and "
             f"{worker} was sent tests of the same group; this pytest / pytest-xdist pair "
@@ -112,49 +109,20 @@ def study(make_study: Callable[..., Study], request: pytest.FixtureRequest,
           tmp_path_factory: pytest.TempPathFactory) -> Study:  # fmt: skip
     """The tiny study, reproduced end to end (and a pristine copy: :func:`pristine_study`)."""
     claim(request.config, tmp_path_factory, "study")
-    snapshot = tmp_path_factory.getbasetemp().parent / "study-snapshot"
-    try:
-        built = make_study("study")
-    except BaseException:
-        snapshot.with_name("study-snapshot.failed").touch()  # no one waits for it in vain
-        raise
-    staging = snapshot.with_name(f"study-snapshot.{os.getpid()}")
-    shutil.copytree(built.path, staging / "study", symlinks=True)
-    staging.rename(snapshot)  # atomic: a reader sees all of it or nothing
+    built = make_study("study")
+    snapshot = tmp_path_factory.getbasetemp() / "study-snapshot" / "study"
+    shutil.copytree(built.path, snapshot, symlinks=True)
     return built
 
 
 @pytest.fixture(scope="session")
-def pristine_study(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                   ) -> Study:  # fmt: skip
+def pristine_study(study: Study, tmp_path_factory: pytest.TempPathFactory) -> Study:
     """The tiny study as ``dvc repro`` left it, never mutated by the tests that use ``study``,
-    for tests that only copy it (the team tests). A test group on another xdist worker waits
-    for the copy the ``study`` worker publishes (or builds the study itself when no worker
-    has). The team tests stay in group "study" all the same: run as their own group on the
-    other worker they waited ~260 s for the build and competed for the 2 cores, and the suite
-    took 1,350 s instead of 1,185 s."""
-    root = tmp_path_factory.getbasetemp().parent
-    snapshot = root / "study-snapshot" / "study"
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None or not request.config.getvalue("loadgroup"):
-        request.getfixturevalue("study")
-        return Study(snapshot, subprocess.CompletedProcess([], 0))
-    owner = root / "group-study.worker"
-    try:
-        with owner.open("x") as fh:
-            fh.write(worker)  # nobody builds it yet: this worker does
-    except FileExistsError:
-        pass
-    if owner.read_text() == worker:
-        request.getfixturevalue("study")
-    deadline = time.monotonic() + 1800
-    while not snapshot.is_dir():
-        if (root / "study-snapshot.failed").exists():
-            pytest.fail(f"building the tiny study failed on worker {owner.read_text()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"worker {owner.read_text()} did not publish the tiny study in 30 min")
-        time.sleep(2)
-    return Study(snapshot, subprocess.CompletedProcess([], 0))
+    for tests that only copy it (the team tests, in the same xdist group: as their own group on
+    the other worker they waited ~260 s for the build and competed for the 2 cores, and the
+    suite took 1,350 s instead of 1,185 s)."""
+    snapshot = tmp_path_factory.getbasetemp() / "study-snapshot" / "study"
+    return Study(snapshot, study.repro)
 
 
 @pytest.fixture(scope="session")

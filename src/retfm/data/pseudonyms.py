@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from retfm.settings import KEY_SPEC
+
 PREFIX = "pt-"
 DIGITS = 16
 METHOD = f"HMAC-SHA256(key, patient_id), first {DIGITS} hex digits, prefixed {PREFIX!r}"
@@ -40,7 +42,7 @@ METHOD = f"HMAC-SHA256(key, patient_id), first {DIGITS} hex digits, prefixed {PR
 SYNTHETIC_KEY = hashlib.sha256(b"retfm synthetic data: no real patients").digest()
 SYNTHETIC_ID = re.compile(r"^[A-Za-z0-9_.]+-P\d{6}$")
 MIN_KEY_HEX = 32
-SPEC = re.compile(r"^(synthetic|env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
+SPEC = re.compile(KEY_SPEC)  # the pattern params.yaml is checked against
 NEW_KEY_HINT = (
     "make one with  python -c 'import secrets; print(secrets.token_hex(32))'  and keep it at "
     "the site (a password manager, the site's secret store), never in git or a DVC remote"
