@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -38,6 +39,7 @@ from retfm.stage import stage
 
 @stage("compare")
 def main() -> None:
+    started = time.time()
     settings = load_settings()
     outputs = settings.paths.outputs
     out = outputs / "study"
@@ -111,7 +113,7 @@ def main() -> None:
     md, html = write_report(summary, tables, figures, out)
     summary["report"] = str(html)
     tracking.write_json(out / "summary.json", summary)
-    _track(settings, runs, groups, factors, summary, tables, out)
+    _track(settings, runs, groups, factors, summary, tables, out, started)
     print_summary(summary, sys.stdout)
 
 
@@ -184,6 +186,7 @@ def _track(  # noqa: ANN001
     summary: dict,
     tables: dict,
     out,
+    started: float,
 ) -> None:
     client = tracking.configure(settings)
     fingerprints = {
@@ -198,6 +201,7 @@ def _track(  # noqa: ANN001
         "study",
         name=f"compare-{settings.study.name}",
         tags={"stage": "compare", "eval.data": eval_data},
+        started=started,
     ) as active:
         al = summary["alignment"]
         mlflow.log_metric("alignment.n_better", al["n_better"])
@@ -302,8 +306,10 @@ def _evaluated_card(client, mv, evaluation: str) -> None:  # noqa: ANN001
         if "## Evaluation" in text:
             before, _, rest = text.partition("## Evaluation")
             after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
-            text = f"{before}## Evaluation\n{evaluation}\n\n## {after}" if after else (
-                f"{before}## Evaluation\n{evaluation}\n"
+            text = (
+                f"{before}## Evaluation\n{evaluation}\n\n## {after}"
+                if after
+                else (f"{before}## Evaluation\n{evaluation}\n")
             )
         (folder / "model_card.md").write_text(text)
         client.log_model_artifact(model_id, str(folder / "model_card.md"), "extra_files")

@@ -137,3 +137,26 @@ def test_a_moved_store_is_refused_and_relocate_points_it_at_the_new_folder(
     path = client.download_artifacts(run_id, "report.txt", str(tmp_path))
     assert Path(path).read_text() == "report"
     assert (moved / "mlruns/mlflow.db.bak").is_file()
+
+
+def test_a_run_opened_at_the_end_shows_the_stage_duration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compare opens its run when its work is done: ``started`` back-dates it (issue 13)."""
+    import time
+
+    from retfm.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
+    client = tracking.configure(settings)
+    started = time.time() - 42.0
+    with tracking.run(
+        settings, "study", name="compare-x", tags={"stage": "compare"}, started=started
+    ) as a:
+        mlflow.log_metric("m", 1.0)
+    info = client.get_run(a.info.run_id).info
+    assert info.run_name == "compare-x" and info.status == "FINISHED"
+    assert 42_000 <= info.end_time - info.start_time < 60_000
+    assert client.get_run(a.info.run_id).data.tags["stage"] == "compare"

@@ -294,12 +294,22 @@ def run(
     run_id: str | None = None,
     parent_run_id: str | None = None,
     key: str | None = None,
+    started: float | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume, when ``run_id`` is given) a run with the base tags (and ``key``)."""
+    """Start (or resume, when ``run_id`` is given) a run with the base tags (and ``key``).
+
+    ``started`` (seconds since the epoch) back-dates a new run to when the stage's work began,
+    for stages that open their run only at the end, so that MLflow shows their real duration.
+    """
     exp = experiment_id(settings, experiment)
     all_tags = {**base_tags(settings), **tags, **({RUN_KEY: key} if key else {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    if started is not None and run_id is None:
+        created = MlflowClient().create_run(
+            exp, start_time=int(started * 1000), tags=all_tags, run_name=name
+        )
+        run_id = created.info.run_id
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else exp,

@@ -207,7 +207,7 @@ def alignment_line(al: dict[str, Any]) -> str:
     if al["n_undetermined"]:
         reasons = "; ".join(f"{k}: {v}" for k, v in al["undetermined_tasks"].items())
         line += f"; {al['n_undetermined']} undetermined, not counted ({reasons})"
-    return line + ". The study found about one third."
+    return line + ". The published study found about one third."
 
 
 def _binning(f: dict[str, Any]) -> str:
