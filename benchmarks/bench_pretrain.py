@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from retfm.models.mae import MaskedAutoencoder
 from retfm.settings import PretrainSettings, load_settings
-from retfm.training.pretrain import build_optimizer
+from retfm.training.recipes.mae import build_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "bench_pretrain.json"
 MM_N = 2048
@@ -74,7 +74,7 @@ def _variant(
     rounds: int,
 ) -> dict[str, float | str]:
     model = torch.compile(mae) if compiled else mae
-    opt = build_optimizer(mae, PretrainSettings(), lr=1e-4)
+    opt = build_optimizer(mae, PretrainSettings().mae, lr=1e-4)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def step() -> None:
@@ -143,7 +143,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = load_settings(args.params)
     arch = settings.model.presets[args.preset]
-    mask_ratio = settings.pretrain.mask_ratio
+    mask_ratio = settings.pretrain.mae.mask_ratio
     torch.manual_seed(0)
     mae = MaskedAutoencoder(arch, mask_ratio=mask_ratio, norm_pix_loss=True).train()
     x = torch.randn(args.batch, 3, arch.img_size, arch.img_size)

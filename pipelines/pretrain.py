@@ -29,7 +29,7 @@ from retfm.registry.lineage import sha256_file
 from retfm.reporting.plots import plot_loss
 from retfm.settings import Settings, load_settings
 from retfm.stage import stage
-from retfm.training.pretrain import read_checkpoint_extra, train_mae
+from retfm.training.pretrain import pretrain_fm, read_checkpoint_extra
 
 
 @stage("pretrain")
@@ -51,16 +51,18 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
     prep = Preprocessing.retfound(arch.img_size, *stats, fundus_crop=settings.pack.fundus_crop)
     ckpt_dir = outputs / "checkpoints" / "pretrain" / fm.name / images.fingerprint[:16]
     rank = int(os.environ.get("RANK", "0"))
-    recipe_hash = settings.digest("model", "pretrain")
+    recipe = cfg.recipe_settings(fm.recipe).recipe  # its name and version, e.g. mae-retfound-v1
+    recipe_hash = settings.recipe_digest(fm.recipe)
     tags = {
         **fm.tags(),
-        "recipe": cfg.recipe,
+        "recipe": recipe,
         "recipe.hash": recipe_hash,
         "cohort.fingerprint": images.fingerprint,
         "stage": "pretrain",
     }
     if rank != 0:  # other DDP ranks train without tracking
-        train_mae(cfg, arch, images, ckpt_dir, seed=settings.study.seed, prep=prep, progress=False)
+        pretrain_fm(fm.recipe, cfg, arch, images, ckpt_dir, seed=settings.study.seed, prep=prep,
+                    progress=False)  # fmt: skip
         return
 
     previous = read_checkpoint_extra(ckpt_dir) or {}
@@ -79,12 +81,13 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
             tracking.log_dataset(images.meta, name=f"cohort-{fm.site}", source=str(fm.source),
                                  digest=images.fingerprint, context="pre-training")  # fmt: skip
             mlflow.log_params({f"arch.{k}": v for k, v in arch.model_dump().items()})
-            mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items()})
+            mlflow.log_params(_flat(cfg.for_recipe(fm.recipe)))
             mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe})
             mlflow.log_params({"cohort.images": len(images), "seed": settings.study.seed})
         sender = tracking.BufferedMetricLogger(tracking.configure(settings), run_id)
         try:
-            result = train_mae(
+            result = pretrain_fm(
+                fm.recipe,
                 cfg,
                 arch,
                 images,
@@ -100,7 +103,9 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
         shutil.copyfile(result.encoder_path, out / "encoder.safetensors")
         shutil.copyfile(ckpt_dir / "history.csv", out / "history.csv")
         shutil.copyfile(images.folder / "card.json", out / "data_card.json")
-        plot_loss(out / "history.csv", out / "loss.png", title=f"MAE pre-training, {fm.label}")
+        plot_loss(
+            out / "history.csv", out / "loss.png", title=f"{fm.recipe} pre-training, {fm.label}"
+        )
         mlflow.log_metric("final_loss", result.final_loss)
         mlflow.log_artifact(str(out / "loss.png"))
         mlflow.log_artifact(str(out / "history.csv"))
@@ -113,7 +118,7 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
                 "recipe_family": fm.recipe,
                 "steps": result.steps,
                 "final_loss": result.final_loss,
-                "recipe": cfg.recipe,
+                "recipe": recipe,
                 "recipe_hash": recipe_hash,
                 "preprocessing": prep.to_json(),
                 "cohort_fingerprint": images.fingerprint,
@@ -121,6 +126,17 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
         )
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun with new data starts fresh
     print(f"pretrain {fm.label}: {result.steps} steps, final loss {result.final_loss:.4f}")
+
+
+def _flat(params: dict, prefix: str = "") -> dict[str, str]:
+    """``{"dinov2": {"base_lr": 0.004}}`` -> ``{"dinov2.base_lr": "0.004"}`` (MLflow params)."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
 
 
 def _import_released(settings: Settings, fm: FM, out: Path) -> None:

@@ -30,8 +30,9 @@ from retfm.settings import (
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Settings a stage may read without declaring them: where things are, not what the study is.
-#: validation.workers only sets how many processes decode images (same bytes either way).
-UNDECLARED_OK = ("paths", "tracking", "digest", "validation.workers")
+#: validation.workers only sets how many processes decode images (same bytes either way);
+#: recipe_digest hashes model and the FM's pretrain keys, which pretrain@ declares one by one.
+UNDECLARED_OK = ("paths", "tracking", "digest", "recipe_digest", "validation.workers")
 
 
 def _leaves(value: Any, path: tuple = ()) -> list[tuple]:

@@ -359,9 +359,7 @@ def _study_design(settings):  # noqa: ANN001, ANN202
         )
     except FileNotFoundError as err:
         _fail(str(err))
-    return design_from_predictions(
-        preds, fm_sites(fms), task_sites, fm_recipes=fm_recipes(fms)
-    )
+    return design_from_predictions(preds, fm_sites(fms), task_sites, fm_recipes=fm_recipes(fms))
 
 
 @app.command()

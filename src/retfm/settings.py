@@ -163,24 +163,132 @@ class ModelSettings(_Frozen):
         return self.presets[self.preset]
 
 
-class PretrainSettings(_Frozen):
-    launcher: str = "python"
+class _RecipeSettings(_Frozen):
+    recipe: str  # a name and version for what the recipe computes, recorded with every FM
+
+    def check_arch(self, arch: ModelPreset) -> None:
+        """Raise if this recipe's settings cannot train ``arch`` (nothing to check by default)."""
+
+
+class MAERecipeSettings(_RecipeSettings):
+    """The RETFound MAE recipe (``main_pretrain.py`` defaults), see retfm.training.recipes.mae."""
+
     recipe: str = "mae-retfound-v1"
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 64
-    accum_steps: PositiveInt = 1
-    base_lr: float = Field(1.5e-4, gt=0)
+    base_lr: float = Field(1.5e-4, gt=0)  # per 256 images (linear scaling rule)
     min_lr: float = Field(0.0, ge=0)
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     norm_pix_loss: bool = True
+    init_from: str = ""
+
+
+class DINOv2RecipeSettings(_RecipeSettings):
+    """The DINOv2 recipe (Oquab et al. 2023, ``ssl_default_config.yaml``, as RETFound-DINOv2
+    trained it), on lightly's parts; see retfm.training.recipes.dinov2. Defaults are the paper's
+    ViT-L settings; a key's comment in ``params.yaml`` says where the demo departs from them."""
+
+    recipe: str = "dinov2-retfound-v1"
+    # optimiser: AdamW, lr = base_lr * sqrt(effective batch / 1024), warm-up then cosine
+    base_lr: float = Field(4e-3, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10
+    weight_decay: float = Field(0.04, ge=0)  # cosine from weight_decay to weight_decay_end
+    weight_decay_end: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = Field(0.9, gt=0, le=1)  # layer-wise lr decay
+    patch_embed_lr_mult: float = Field(0.2, gt=0)
+    clip_grad: float = Field(3.0, ge=0)  # 0: no clipping
+    freeze_last_layer_epochs: Annotated[int, Field(ge=0)] = 1
+    # the ViT
+    layerscale: float = Field(1e-5, gt=0)
+    drop_path: Fraction = 0.3
+    drop_path_mode: Literal["uniform", "linear"] = "uniform"
+    # heads (DINO and iBOT, shared unless ibot_separate_head)
+    out_dim: PositiveInt = 65536
+    head_hidden_dim: PositiveInt = 2048
+    head_bottleneck_dim: PositiveInt = 256
+    ibot_separate_head: bool = False
+    # multi-crop, from the packed uint8 images (global crops at the model's img_size)
+    local_crops: Annotated[int, Field(ge=0)] = 8
+    local_crop_size: PositiveInt = 96
+    global_crop_scale: tuple[Fraction, Fraction] = (0.32, 1.0)
+    local_crop_scale: tuple[Fraction, Fraction] = (0.05, 0.32)
+    # iBOT block masking of the global crops
+    mask_probability: Fraction = 0.5  # share of global crops that are masked
+    mask_ratio_min_max: tuple[Fraction, Fraction] = (0.1, 0.5)
+    # losses
+    dino_loss_weight: float = Field(1.0, ge=0)
+    ibot_loss_weight: float = Field(1.0, ge=0)
+    koleo_loss_weight: float = Field(0.1, ge=0)
+    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
+    center_momentum: Fraction = 0.9  # softmax centering only
+    student_temp: float = Field(0.1, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp_epochs: Annotated[int, Field(ge=0)] = 30
+    momentum_teacher: Fraction = 0.992  # EMA momentum, cosine to momentum_teacher_end
+    momentum_teacher_end: Fraction = 1.0
+    # collapse: stop when, after collapse_after_epochs, the teacher's class-token embeddings
+    # spread less than min_embedding_std x an isotropic spread, or its output distribution over
+    # the batch has less than min_teacher_entropy of the maximum entropy
+    collapse_after_epochs: float = Field(1.0, ge=0)
+    min_embedding_std: Fraction = 0.05
+    min_teacher_entropy: Fraction = 0.02
+
+    @model_validator(mode="after")
+    def _check(self) -> DINOv2RecipeSettings:
+        for name in ("global_crop_scale", "local_crop_scale", "mask_ratio_min_max"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: {lo} > {hi}; expected [min, max]")
+        return self
+
+    def check_arch(self, arch: ModelPreset) -> None:
+        if self.local_crop_size % arch.patch_size or self.local_crop_size > arch.img_size:
+            raise ValueError(
+                f"pretrain.dinov2.local_crop_size ({self.local_crop_size}) must be a multiple of "
+                f"the patch size ({arch.patch_size}) and at most img_size ({arch.img_size})"
+            )
+
+
+class PretrainSettings(_Frozen):
+    """How pre-training runs, shared by every recipe (the loop: epochs, batches, precision,
+    checkpoints, processes), and each recipe's own section (what one step computes)."""
+
+    launcher: str = "python"
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64  # images per process per micro-batch
+    accum_steps: PositiveInt = 1
     num_threads: PositiveInt = 2
     amp: bool = False
     checkpoint_every_steps: PositiveInt = 50
-    init_from: str = ""
     normalisation: Literal["imagenet", "cohort"] = "imagenet"
+    mae: MAERecipeSettings = MAERecipeSettings()
+    dinov2: DINOv2RecipeSettings = DINOv2RecipeSettings()
+
+    def recipe_settings(self, name: str) -> _RecipeSettings:
+        """The section of recipe ``name`` (``pretrain.<name>``)."""
+        if name not in TRAINABLE_RECIPES:
+            raise ValueError(f"no pre-training recipe {name!r}; trainable: {TRAINABLE_RECIPES}")
+        return getattr(self, name)
+
+    def for_recipe(self, name: str) -> dict[str, Any]:
+        """What decides what a run of recipe ``name`` computes: the shared loop settings (not
+        the operational ones, which a resumed run may change) and that recipe's section only,
+        so that a change to another recipe's params leaves this one's FMs alone."""
+        shared = self.model_dump(mode="json", exclude={"num_threads", "checkpoint_every_steps",
+                                                       *TRAINABLE_RECIPES})  # fmt: skip
+        return {**shared, name: self.recipe_settings(name).model_dump(mode="json")}
+
+
+#: The recipes retfm can pre-train: every section of ``pretrain`` that is a recipe's settings
+#: (each with its module ``retfm.training.recipes.<name>``).
+TRAINABLE_RECIPES: tuple[str, ...] = tuple(
+    name for name, f in PretrainSettings.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, _RecipeSettings)
+)  # fmt: skip
 
 
 class AdaptSettings(_Frozen):
@@ -310,7 +418,20 @@ class Settings(_Frozen):
                     f"(trainable: {list(TRAINABLE_RECIPES)}); import a released {spec.recipe} "
                     "checkpoint instead (source: <path to the .pth file>)"
                 )
+            self.pretrain.recipe_settings(spec.recipe).check_arch(self.model.arch)
         return self
+
+    def recipe_digest(self, recipe: str) -> str:
+        """The hash of what makes an FM of ``recipe`` here: the model presets, the shared loop
+        settings and that recipe's section (not another recipe's)."""
+        blob = json.dumps(
+            {
+                "model": self.model.model_dump(mode="json"),
+                "pretrain": self.pretrain.for_recipe(recipe),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def digest(self, *sections: str) -> str:
         """A stable hash of the named sections (all when none), for lineage tags."""
@@ -341,7 +462,6 @@ REPLACED = {
     ),
 }
 #: Recipes retfm can pre-train (the others can be imported from released checkpoints).
-TRAINABLE_RECIPES = ("mae",)
 
 
 def invisible_keys(raw: Any, path: str = "") -> list[str]:

@@ -172,6 +172,7 @@ def test_a_classifier_is_promoted_with_other_settings_recorded_then_rolled_back(
     assert last["settings"]["max_gap"] == 1.0  # the record says which settings were applied
     if granted:
         back = sh(["retfm", "rollback", model], study.path)
-        assert "ROLLED BACK" in back.stdout and "champion" not in client.get_registered_model(
-            model
-        ).aliases
+        assert (
+            "ROLLED BACK" in back.stdout
+            and "champion" not in client.get_registered_model(model).aliases
+        )

@@ -172,16 +172,21 @@ def test_heads_come_from_the_checkpoint_never_from_the_width(tmp_path: Path) -> 
     with pytest.raises(CheckpointLayoutError, match=r"96 wide.*num_heads"):
         import_encoder(plain, "mae")
     assert import_encoder(plain, "mae", num_heads=4).spec.num_heads == 4
-    recorded = mae_checkpoint(tmp_path / "args.pth", dim=96,
-                              extra={"args": argparse.Namespace(num_heads=8, model="x")})
+    recorded = mae_checkpoint(
+        tmp_path / "args.pth", dim=96, extra={"args": argparse.Namespace(num_heads=8, model="x")}
+    )
     imported = import_encoder(recorded, "mae")  # an argparse Namespace loads with weights_only
     assert imported.spec.num_heads == 8 and "args.num_heads" in imported.heads_from
-    named = mae_checkpoint(tmp_path / "named.pth",
-                           extra={"args": argparse.Namespace(model="mae_vit_large_patch16")})
+    named = mae_checkpoint(
+        tmp_path / "named.pth", extra={"args": argparse.Namespace(model="mae_vit_large_patch16")}
+    )
     imported = import_encoder(named, "mae")
     assert imported.spec.num_heads == 16 and "mae_vit_large_patch16" in imported.heads_from
-    wrong = mae_checkpoint(tmp_path / "wrong.pth", dim=96,
-                           extra={"args": argparse.Namespace(model="mae_vit_large_patch16")})
+    wrong = mae_checkpoint(
+        tmp_path / "wrong.pth",
+        dim=96,
+        extra={"args": argparse.Namespace(model="mae_vit_large_patch16")},
+    )
     with pytest.raises(CheckpointLayoutError, match=r"names .*large.*1024 wide.*are 96 wide"):
         import_encoder(wrong, "mae")
 
@@ -219,8 +224,10 @@ print(json.dumps({{"before": before, "after": after, "heads": imported.spec.num_
     assert (got["heads"], got["depth"]) == (16, 24) and "standard ViT-L" in got["source"]
     peak = got["after"]["VmHWM"] - got["before"]["VmHWM"]
     anon = got["after"]["RssAnon"] - got["before"]["RssAnon"]
-    print(f"ViT-L import: encoder {encoder_bytes / 2**30:.2f} GiB; peak resident grew "
-          f"{peak / 2**30:.2f} GiB (the file's mapped pages), private {anon / 2**30:.2f} GiB")
+    print(
+        f"ViT-L import: encoder {encoder_bytes / 2**30:.2f} GiB; peak resident grew "
+        f"{peak / 2**30:.2f} GiB (the file's mapped pages), private {anon / 2**30:.2f} GiB"
+    )
     # the weights are resident once (the memory-mapped file) and never copied: two copies
     # would be >= 2x the encoder, a copy in private memory >= 1x
     assert peak < 1.3 * encoder_bytes and anon < 0.25 * encoder_bytes

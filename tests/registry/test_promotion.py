@@ -124,8 +124,9 @@ def test_other_promotion_settings_are_refused_or_recorded_loudly() -> None:
     assert not failed(allowed)
     assert any(g.value.startswith("OTHER settings") for g in allowed)  # passed, and said so
     unstamped = {k: v for k, v in good.items() if k != "eval.promotion_settings"}
-    assert "promotion settings are the study's" in failed(evaluate_gates(CFG, unstamped, None,
-                                                                          FACTORS))
+    assert "promotion settings are the study's" in failed(
+        evaluate_gates(CFG, unstamped, None, FACTORS)
+    )
 
 
 @pytest.mark.parametrize(

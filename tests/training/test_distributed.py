@@ -54,12 +54,12 @@ _RANK_SCRIPT = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_pretrain import ARCH, PREP, settings, smooth_images
-    from retfm.training import train_mae
+    from retfm.training import pretrain_fm
 
     out = Path(sys.argv[1])
     logged = []
-    result = train_mae(settings(epochs=2, checkpoint_every_steps=2), ARCH, smooth_images(), out,
-                       seed=0, prep=PREP, progress=False, log_every=1,
+    result = pretrain_fm("mae", settings(epochs=2, checkpoint_every_steps=2), ARCH,
+                       smooth_images(), out, seed=0, prep=PREP, progress=False, log_every=1,
                        log_fn=lambda m, s: logged.append(s))
     rank = os.environ["RANK"]
     (out / f"rank{{rank}}.json").write_text(json.dumps({{
@@ -93,3 +93,43 @@ def test_two_process_gloo_run_agrees_and_writes_a_loadable_encoder(tmp_path: Pat
     with torch.no_grad():
         features = encode(encoder, torch.randn(2, 3, arch.img_size, arch.img_size))
     assert features.shape == (2, arch.embed_dim) and torch.isfinite(features).all()
+
+
+_DINO_RANK_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_dinov2 import ARCH, PREP, blobs, settings
+    from retfm.data.images import ArrayImages
+    from retfm.training import pretrain_fm
+
+    out = Path(sys.argv[1])
+    result = pretrain_fm("dinov2", settings(epochs=2, batch_size=16), ARCH,
+                         ArrayImages(blobs(64, 0)[0]), out, seed=0, prep=PREP, progress=False)
+    (out / f"rank{{os.environ['RANK']}}.json").write_text(json.dumps({{
+        "digest": result.param_digest, "steps": result.steps, "loss": result.final_loss}}))
+    """
+)
+
+
+@pytest.mark.e2e
+def test_two_process_dinov2_run_keeps_one_teacher(tmp_path: Path) -> None:
+    """Every rank builds the same student and teacher; DDP keeps the students equal and the EMA
+    the teachers (DDP does not sync a module without gradients)."""
+    script = tmp_path / "rank.py"
+    script.write_text(_DINO_RANK_SCRIPT.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # the teachers (the FM) are identical
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (64 // 2 // 16)
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    _, spec, _, _ = load_encoder(out / "encoder.safetensors")
+    assert spec.family == "dinov2"

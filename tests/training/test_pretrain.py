@@ -1,4 +1,4 @@
-"""MAE pre-training: schedule, learning, stopping, checkpoints and exact resume."""
+"""Pre-training with the MAE recipe: schedule, learning, stopping, checkpoints and exact resume."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from retfm.data.images import ArrayImages
 from retfm.models.encoder import EncoderSpec, Preprocessing, load_encoder
 from retfm.models.mae import MaskedAutoencoder
-from retfm.settings import ModelPreset, PretrainSettings
+from retfm.settings import MAERecipeSettings, ModelPreset, PretrainSettings
 from retfm.training import (
     CheckpointMismatchError,
     NonFiniteLossError,
+    pretrain_fm,
     read_checkpoint_extra,
-    train_mae,
 )
-from retfm.training.pretrain import build_optimizer, random_resized_crop_flip
+from retfm.training.augment import random_resized_crop_flip
+from retfm.training.recipes.mae import build_optimizer
 from retfm.training.schedule import effective_lr, lr_at, set_lr
 
 ARCH = ModelPreset(
@@ -45,9 +46,12 @@ def smooth_images(n: int = 96, seed: int = 0) -> ArrayImages:
 
 
 def settings(**over: object) -> PretrainSettings:
+    """Loop settings and MAE recipe settings by name (the MAE ones go to ``pretrain.mae``)."""
     base = dict(epochs=2, batch_size=16, warmup_epochs=1, base_lr=5e-2, num_threads=1,
                 checkpoint_every_steps=1000)  # fmt: skip
-    return PretrainSettings(**{**base, **over})
+    merged = {**base, **over}
+    mae = {k: merged.pop(k) for k in list(merged) if k in MAERecipeSettings.model_fields}
+    return PretrainSettings(**merged, mae=MAERecipeSettings(**mae))
 
 
 # ------------------------------------------------------------------------- schedule
@@ -75,7 +79,7 @@ def test_set_lr_honours_lr_scale() -> None:
 
 def test_no_weight_decay_on_biases_norms_and_tokens() -> None:
     mae = MaskedAutoencoder(ARCH)
-    opt = build_optimizer(mae, settings(weight_decay=0.05), lr=1e-3)
+    opt = build_optimizer(mae, settings(weight_decay=0.05).mae, lr=1e-3)
     names = {id(p): n for n, p in mae.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     exempt = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -107,7 +111,7 @@ def test_crops_differ_per_sample() -> None:
 def test_loss_decreases_and_outputs_are_written(tmp_path: Path) -> None:
     logged: list[tuple[int, dict[str, float]]] = []
     cfg = settings(epochs=6)
-    result = train_mae(
+    result = pretrain_fm("mae",
         cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP,
         log_fn=lambda m, s: logged.append((s, m)), progress=False, log_every=4,
     )  # fmt: skip
@@ -116,7 +120,9 @@ def test_loss_decreases_and_outputs_are_written(tmp_path: Path) -> None:
     first = np.mean([loss for _, loss, _ in result.history[:per_epoch]])
     assert result.final_loss < 0.8 * first
     encoder, arch, prep, meta = load_encoder(result.encoder_path)
-    assert arch == EncoderSpec.from_preset(ARCH) and prep == PREP and meta["recipe"] == cfg.recipe
+    assert (
+        arch == EncoderSpec.from_preset(ARCH) and prep == PREP and meta["recipe"] == cfg.mae.recipe
+    )
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, result.steps + 1))
     assert set(rows[0]) == {"step", "epoch", "loss", "lr"}
@@ -126,11 +132,13 @@ def test_loss_decreases_and_outputs_are_written(tmp_path: Path) -> None:
 
 def test_lr_is_set_every_iteration(tmp_path: Path) -> None:
     cfg = settings(epochs=3, warmup_epochs=1, min_lr=1e-5)
-    result = train_mae(cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False)
-    peak = effective_lr(cfg.base_lr, cfg.batch_size, 1, 1)
+    result = pretrain_fm(
+        "mae", cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False
+    )
+    peak = effective_lr(cfg.mae.base_lr, cfg.batch_size, 1, 1)
     iters = 96 // 16
     expected = [
-        lr_at(e + i / iters, peak_lr=peak, min_lr=cfg.min_lr, warmup_epochs=1, total_epochs=3)
+        lr_at(e + i / iters, peak_lr=peak, min_lr=cfg.mae.min_lr, warmup_epochs=1, total_epochs=3)
         for e in range(3)
         for i in range(iters)
     ]
@@ -140,14 +148,16 @@ def test_lr_is_set_every_iteration(tmp_path: Path) -> None:
 
 def test_gradient_accumulation_steps_once_per_group(tmp_path: Path) -> None:
     cfg = settings(epochs=1, batch_size=8, accum_steps=3)
-    result = train_mae(cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False)
+    result = pretrain_fm(
+        "mae", cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False
+    )
     assert result.steps == (96 // 8) // 3
 
 
 def test_non_finite_loss_stops_with_step_epoch_and_lr(tmp_path: Path) -> None:
     cfg = settings(base_lr=1e30, warmup_epochs=0)
     with pytest.raises(NonFiniteLossError) as info:
-        train_mae(cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False)
+        pretrain_fm("mae", cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False)
     err = info.value
     assert err.step >= 2 and err.epoch == 0 and err.lr > 1e28  # peak 1e30 * 16 / 256
     assert f"step {err.step}" in str(err) and "epoch 0" in str(err) and "lr" in str(err)
@@ -157,7 +167,7 @@ def test_non_finite_loss_stops_with_step_epoch_and_lr(tmp_path: Path) -> None:
 def test_checkpoint_holds_state_extra_and_loads_without_pickled_code(tmp_path: Path) -> None:
     assert read_checkpoint_extra(tmp_path) is None
     cfg = settings(epochs=1, checkpoint_every_steps=2)
-    train_mae(cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False,
+    pretrain_fm("mae", cfg, ARCH, smooth_images(), tmp_path, seed=0, prep=PREP, progress=False,
               extra={"mlflow_run_id": "abc123"})  # fmt: skip
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng", "fingerprint",
@@ -169,19 +179,31 @@ def test_checkpoint_holds_state_extra_and_loads_without_pickled_code(tmp_path: P
 
 def test_checkpoint_from_other_settings_is_refused(tmp_path: Path) -> None:
     images = smooth_images()
-    train_mae(settings(epochs=1), ARCH, images, tmp_path, seed=0, prep=PREP, progress=False)
+    pretrain_fm(
+        "mae", settings(epochs=1), ARCH, images, tmp_path, seed=0, prep=PREP, progress=False
+    )
     with pytest.raises(CheckpointMismatchError, match="Delete the checkpoint"):
-        train_mae(settings(epochs=1), ARCH, images, tmp_path, seed=1, prep=PREP, progress=False)
+        pretrain_fm(
+            "mae", settings(epochs=1), ARCH, images, tmp_path, seed=1, prep=PREP, progress=False
+        )
     with pytest.raises(CheckpointMismatchError, match="restore the params"):
-        train_mae(settings(epochs=1, base_lr=1e-3), ARCH, images, tmp_path, seed=0, prep=PREP,
-                  progress=False)  # fmt: skip
+        pretrain_fm(
+            "mae",
+            settings(epochs=1, base_lr=1e-3),
+            ARCH,
+            images,
+            tmp_path,
+            seed=0,
+            prep=PREP,
+            progress=False,
+        )
 
 
 def test_rerun_of_finished_run_only_rewrites_outputs(tmp_path: Path) -> None:
     images = smooth_images()
-    first = train_mae(settings(epochs=1), ARCH, images, tmp_path, seed=0, prep=PREP,
+    first = pretrain_fm("mae", settings(epochs=1), ARCH, images, tmp_path, seed=0, prep=PREP,
                       progress=False)  # fmt: skip
-    again = train_mae(settings(epochs=1, num_threads=2), ARCH, images, tmp_path, seed=0,
+    again = pretrain_fm("mae", settings(epochs=1, num_threads=2), ARCH, images, tmp_path, seed=0,
                       prep=PREP, progress=False)  # fmt: skip
     assert again.steps == first.steps and again.history == first.history
     assert again.param_digest == first.param_digest
@@ -190,10 +212,10 @@ def test_rerun_of_finished_run_only_rewrites_outputs(tmp_path: Path) -> None:
 def test_wrong_image_size_and_too_few_images_are_explained(tmp_path: Path) -> None:
     small = ArrayImages(np.zeros((40, 16, 16, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"expected uint8 \(1, 32, 32, 3\)"):
-        train_mae(settings(), ARCH, small, tmp_path, seed=0, prep=PREP, progress=False)
+        pretrain_fm("mae", settings(), ARCH, small, tmp_path, seed=0, prep=PREP, progress=False)
     few = ArrayImages(np.zeros((10, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="too few"):
-        train_mae(settings(), ARCH, few, tmp_path, seed=0, prep=PREP, progress=False)
+        pretrain_fm("mae", settings(), ARCH, few, tmp_path, seed=0, prep=PREP, progress=False)
 
 
 # ---------------------------------------------------------------------------- resume
@@ -204,7 +226,7 @@ _KILLED_RUN = textwrap.dedent(
     import torch
     sys.path.insert(0, {tests!r})
     from test_pretrain import ARCH, PREP, settings, smooth_images
-    from retfm.training import train_mae
+    from retfm.training import pretrain_fm
 
     out = Path(sys.argv[1])
 
@@ -215,7 +237,7 @@ _KILLED_RUN = textwrap.dedent(
         if ckpt.exists() and torch.load(ckpt, weights_only=True)["global_step"] == step - 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train_mae(settings(epochs=3, checkpoint_every_steps=4), ARCH, smooth_images(), out,
+    pretrain_fm("mae", settings(epochs=3, checkpoint_every_steps=4), ARCH, smooth_images(), out,
               seed=0, prep=PREP, log_fn=log, progress=False, log_every=1)
     """
 )
@@ -224,7 +246,7 @@ _KILLED_RUN = textwrap.dedent(
 @pytest.mark.e2e
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     cfg = settings(epochs=3, checkpoint_every_steps=4)
-    reference = train_mae(cfg, ARCH, smooth_images(), tmp_path / "ref", seed=0, prep=PREP,
+    reference = pretrain_fm("mae", cfg, ARCH, smooth_images(), tmp_path / "ref", seed=0, prep=PREP,
                           progress=False)  # fmt: skip
 
     out = tmp_path / "killed"
@@ -237,7 +259,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)
     assert not (out / "encoder.safetensors").exists()
 
-    resumed = train_mae(cfg, ARCH, smooth_images(), out, seed=0, prep=PREP, progress=False)
+    resumed = pretrain_fm("mae", cfg, ARCH, smooth_images(), out, seed=0, prep=PREP, progress=False)
     assert resumed.steps == reference.steps == 3 * 6
     assert math.isclose(resumed.final_loss, reference.final_loss, rel_tol=1e-5)
     assert [s for s, _, _ in resumed.history] == list(range(1, 19))

@@ -11,8 +11,8 @@ the task is decided as:
 * ``no evidence`` otherwise.
 
 The headline is the fraction of *decided* tasks (better, worse or no evidence) where the aligned
-FM is better (the published study found about one third); undetermined tasks are listed, never counted
-as a "no".
+FM is better (the published study found about one third); undetermined tasks are listed, never
+counted as a "no".
 """
 
 from __future__ import annotations

@@ -89,7 +89,11 @@ def _outcome(job: _Job) -> dict[str, Any]:
     preds = simulate_study(job.design, job.seed)
     tasks = {t.name: t.site for t in job.design.tasks}
     result = analyse_study(
-        preds, job.design.fms, tasks, job.config, fm_recipes=job.design.recipes,
+        preds,
+        job.design.fms,
+        tasks,
+        job.config,
+        fm_recipes=job.design.recipes,
         factors=job.factors,
     )
     return summarise(result, job.config.alpha, job.config.correction)

@@ -153,8 +153,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _is_state(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(v, torch.Tensor) for v in obj.values()
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
     )
 
 
@@ -174,7 +176,7 @@ def _unwrap(obj: dict[str, Any], keys: tuple[str, ...], path: Path, layout: str)
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if any(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -467,8 +469,8 @@ def load_mae_pretraining_weights(mae: nn.Module, path: Path) -> None:
             full[key] = interpolate_pos_embed(full[key], 1, grid)
     for k in own:  # what the file lacks keeps our init: fc_norm (fresh), an absent decoder
         if k.startswith("encoder.fc_norm.") or (
-            not any(f.startswith("decoder_") for f in full) and k.startswith(("decoder_",
-                                                                              "mask_token"))
+            not any(f.startswith("decoder_") for f in full)
+            and k.startswith(("decoder_", "mask_token"))
         ):
             full[k] = own[k]
     missing = sorted(set(own) - set(full))

@@ -122,8 +122,12 @@ def build_summary(
         "profile": profile,
         "fms": names,
         "fm_info": {
-            fm.name: {"site": fm.site, "recipe": fm.recipe, "label": fm.label,
-                      "source": "imported" if fm.imported else "pre-trained"}
+            fm.name: {
+                "site": fm.site,
+                "recipe": fm.recipe,
+                "label": fm.label,
+                "source": "imported" if fm.imported else "pre-trained",
+            }
             for fm in fms
         },  # fmt: skip
         "n_seeds": int(runs.groupby(["fm", "task"])["seed"].nunique().min()),

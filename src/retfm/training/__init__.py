@@ -1,17 +1,17 @@
-"""Training loops: MAE pre-training (resumable, data-parallel) and its schedules."""
+"""Training loops: FM pre-training (any recipe; resumable, data-parallel) and adaptation."""
 
 from retfm.training.pretrain import (
     CheckpointMismatchError,
     NonFiniteLossError,
     TrainResult,
+    pretrain_fm,
     read_checkpoint_extra,
-    train_mae,
 )
 
 __all__ = [
     "CheckpointMismatchError",
     "NonFiniteLossError",
     "TrainResult",
+    "pretrain_fm",
     "read_checkpoint_extra",
-    "train_mae",
 ]

@@ -296,8 +296,9 @@ def adapt(
         raise FileNotFoundError(f"{encoder_path}: no such encoder file (expected .safetensors)")
     task = _check_task(meta, len(images))
     dev = _device(device)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), transforms.seeded(
-        seed
+    with (
+        torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
+        transforms.seeded(seed),
     ):
         torch.manual_seed(seed)
         encoder, spec, prep, _ = load_encoder(Path(encoder_path))

@@ -1,9 +1,11 @@
-"""MAE pre-training, the RETFound recipe: one function, resumable, alone or under ``torchrun``.
+"""Pre-training an FM with any recipe: one function, resumable, alone or under ``torchrun``.
 
-The loop follows MAE's ``train_one_epoch``: the learning rate is set every iteration, gradients
-may be accumulated over several micro-batches, and a non-finite loss stops the run at once.
-Everything a resumed run needs to continue *exactly* (weights, optimizer moments, position in
-the epoch, every rank's RNG state, the loss history) is in one atomically written checkpoint.
+The loop follows MAE's ``train_one_epoch``: the recipe's schedules are set every iteration,
+gradients may be accumulated over several micro-batches, and a non-finite loss stops the run at
+once. What one step computes is the recipe's (:mod:`retfm.training.recipes`: MAE, DINOv2).
+Everything a resumed run needs to continue *exactly* (the recipe's module, e.g. student, teacher
+and loss centres; optimizer moments; position in the epoch; every rank's RNG state; the loss
+history) is in one atomically written checkpoint.
 """
 
 from __future__ import annotations
@@ -23,24 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.optim import param_groups_weight_decay
 from tqdm.auto import tqdm
 
 from retfm.data.images import ImageSource
-from retfm.models.encoder import Preprocessing, load_encoder, save_encoder
-from retfm.models.mae import MaskedAutoencoder
+from retfm.models.encoder import Preprocessing, save_encoder
 from retfm.settings import ModelPreset, PretrainSettings
 from retfm.training import distributed as dist_
-from retfm.training.schedule import effective_lr, lr_at, set_lr
+from retfm.training.recipes import Progress, Recipe, recipe_class
 
 CHECKPOINT_NAME = "checkpoint.pt"
 ENCODER_NAME = "encoder.safetensors"
 HISTORY_NAME = "history.csv"
-# Settings that change how a run is executed but not what it computes: a resumed run may
-# change them freely.
-_OPERATIONAL_FIELDS = ("num_threads", "checkpoint_every_steps")
-
 LogFn = Callable[[dict[str, float], int], None]
 
 
@@ -51,8 +46,8 @@ class NonFiniteLossError(RuntimeError):
         self.loss, self.step, self.epoch, self.lr = loss, step, epoch, lr
         super().__init__(
             f"loss is {loss} at optimizer step {step} (epoch {epoch}, lr {lr:.3g}); "
-            "stopping. Lower pretrain.base_lr, raise pretrain.warmup_epochs or turn off "
-            "pretrain.amp, then delete the checkpoint and rerun."
+            "stopping. Lower the recipe's base_lr (pretrain.<recipe>.base_lr), raise its "
+            "warmup_epochs or turn off pretrain.amp, then delete the checkpoint and rerun."
         )
 
 
@@ -72,58 +67,21 @@ class TrainResult:
     param_digest: str = ""
 
 
-# ---------------------------------------------------------------------------- augmentation
-def random_resized_crop_flip(
-    x: torch.Tensor,
-    *,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> torch.Tensor:
-    """MAE's augmentation, batched on the tensor's device: (B, C, H, W) -> (B, C, H, W).
-
-    Each sample gets a crop of area fraction ``U(scale)`` and aspect ``exp(U(log ratio))``
-    (clamped to the image rather than re-drawn, torchvision re-draws up to 10 times), resized back
-    to (H, W) with bilinear sampling, and a horizontal flip with probability 1/2. One
-    ``grid_sample`` does crop, resize and flip for the whole batch. Crop parameters come from the
-    global CPU generator so a checkpoint's RNG state reproduces them.
-    """
-    b = x.shape[0]
-    area = torch.empty(b).uniform_(*scale)
-    aspect = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w = (area * aspect).sqrt().clamp(max=1.0)  # fractions of the side
-    h = (area / aspect).sqrt().clamp(max=1.0)
-    cx = torch.rand(b) * (1 - w) + w / 2
-    cy = torch.rand(b) * (1 - h) + h / 2
-    flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = 2 * cx - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * cy - 1
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def training_batch(images_uint8: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> augmented, normalised (B, 3, H, W) float32.
-
-    Normalising before the crop is the same as after: bilinear resampling is a convex
-    combination of pixels and normalisation is a per-channel affine map, so they commute.
-    """
-    return random_resized_crop_flip(prep.normalise(images_uint8))
-
-
 # ---------------------------------------------------------------------------- state
 def fingerprint(
-    cfg: PretrainSettings, arch: ModelPreset, seed: int, n_images: int, world_size: int = 1
+    cfg: PretrainSettings,
+    arch: ModelPreset,
+    seed: int,
+    n_images: int,
+    world_size: int = 1,
+    recipe: str = "mae",
 ) -> str:
     """A hash of everything that decides what a run computes; a checkpoint only resumes a run
     with the same fingerprint."""
-    recipe = cfg.model_dump(mode="json", exclude=set(_OPERATIONAL_FIELDS))
     blob = json.dumps(
         {
-            "pretrain": recipe,
+            "recipe": recipe,
+            "pretrain": cfg.for_recipe(recipe),
             "arch": arch.model_dump(mode="json"),
             "seed": seed,
             "n_images": n_images,
@@ -203,36 +161,6 @@ def _param_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _init_from(model: MaskedAutoencoder, path: Path) -> None:
-    """Start from existing weights: a retfm encoder (.safetensors) or an MAE ``{"model": ...}``
-    checkpoint (encoder and, when present, decoder), as RETFound started from ImageNet MAE."""
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrain.init_from: {path} does not exist")
-    if path.suffix == ".safetensors":
-        encoder, _, _, _ = load_encoder(path)
-        state = encoder.state_dict()
-        try:
-            model.encoder.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"pretrain.init_from: {path} does not fit this arch: {err}") from None
-        return
-    from retfm.models.checkpoints import load_mae_pretraining_weights
-
-    load_mae_pretraining_weights(model, path)
-
-
-# ---------------------------------------------------------------------------- the loop
-def build_optimizer(
-    model: MaskedAutoencoder, cfg: PretrainSettings, lr: float
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: biases, norms, tokens and position
-    tables are exempt (timm's grouping), as decaying them only shrinks useful offsets."""
-    groups = param_groups_weight_decay(
-        model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay()
-    )
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
-
-
 def _check_inputs(images: ImageSource, arch: ModelPreset, prep: Preprocessing) -> int:
     n = len(images)
     if n == 0:
@@ -251,7 +179,8 @@ def _check_inputs(images: ImageSource, arch: ModelPreset, prep: Preprocessing) -
     return n
 
 
-def train_mae(
+def pretrain_fm(
+    recipe: str,
     cfg: PretrainSettings,
     arch: ModelPreset,
     images: ImageSource,
@@ -264,27 +193,30 @@ def train_mae(
     progress: bool = True,
     log_every: int = 10,
 ) -> TrainResult:
-    """Pre-train an MAE on ``images``; write ``encoder.safetensors`` and ``history.csv`` into
-    ``out_dir`` and return a :class:`TrainResult`.
+    """Pre-train an FM with ``recipe`` (``mae``, ``dinov2``) on ``images``; write
+    ``encoder.safetensors`` and ``history.csv`` into ``out_dir``; return a :class:`TrainResult`.
 
     Resumes from ``out_dir/checkpoint.pt`` when it belongs to the same run (same fingerprint).
     Under ``torchrun`` every process calls this; only rank 0 logs and writes files.
-    ``log_fn(metrics, step)`` gets loss, lr, epoch and images/s every ``log_every`` steps.
+    ``log_fn(metrics, step)`` gets loss, lr, epoch, images/s and the recipe's statistics (means
+    over the last ``log_every`` steps).
     """
     out_dir = Path(out_dir)
+    cls = recipe_class(recipe)
     n = _check_inputs(images, arch, prep)
     torch.set_num_threads(cfg.num_threads)
     with dist_.distributed_context() as ctx:
-        return _Trainer(cfg, arch, images, n, out_dir, seed, prep, ctx, extra or {}).run(
+        return _Trainer(cls, cfg, arch, images, n, out_dir, seed, prep, ctx, extra or {}).run(
             log_fn, progress, max(1, log_every)
         )
 
 
 class _Trainer:
-    """The state of one run; split from :func:`train_mae` only to keep each method short."""
+    """The state of one run; split from :func:`pretrain_fm` only to keep each method short."""
 
     def __init__(
         self,
+        recipe_cls: type[Recipe],
         cfg: PretrainSettings,
         arch: ModelPreset,
         images: ImageSource,
@@ -308,18 +240,21 @@ class _Trainer:
         self.n = n
         self.steps_per_epoch = self.iters // cfg.accum_steps
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.peak_lr = effective_lr(cfg.base_lr, cfg.batch_size, cfg.accum_steps, ctx.world_size)
-        self.fp = fingerprint(cfg, arch, seed, n, ctx.world_size)
+        self.recipe = recipe_cls(
+            cfg,
+            arch,
+            prep,
+            images_per_step=cfg.batch_size * cfg.accum_steps * ctx.world_size,
+            world_size=ctx.world_size,
+        )
+        self.fp = fingerprint(cfg, arch, seed, n, ctx.world_size, recipe_cls.name)
         self.ckpt_path = out_dir / CHECKPOINT_NAME
 
-        _seed_all(seed + ctx.rank)  # DDP copies rank 0's initial weights to every rank
-        self.model = MaskedAutoencoder(
-            arch, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss
-        )
-        if cfg.init_from:
-            _init_from(self.model, Path(cfg.init_from))
+        _seed_all(seed)  # every rank builds the same weights (a teacher too, which DDP won't sync)
+        self.model = self.recipe.build()
+        _seed_all(seed + ctx.rank)  # each rank its own augmentations
         self.model.to(ctx.device)
-        self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
+        self.optimizer = self.recipe.optimizer(self.model)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history: list[tuple[int, int, float, float]] = []
         self._resume()
@@ -332,9 +267,9 @@ class _Trainer:
         if state.get("fingerprint") != self.fp:
             raise CheckpointMismatchError(
                 f"{self.ckpt_path} was written by a run with other settings (fingerprint "
-                f"{state.get('fingerprint')} != {self.fp}: pretrain params, model arch, seed, "
-                f"image count {self.n} or process count). Delete the checkpoint to start over, "
-                "or restore the params it was written with to resume it."
+                f"{state.get('fingerprint')} != {self.fp}: recipe, pretrain params, model arch, "
+                f"seed, image count {self.n} or process count). Delete the checkpoint to start "
+                "over, or restore the params it was written with to resume it."
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -374,19 +309,29 @@ class _Trainer:
         mine = dist_.shard(order, self.ctx)
         return mine[: self.iters * self.cfg.batch_size].reshape(self.iters, self.cfg.batch_size)
 
-    def _micro_step(self, net: torch.nn.Module, indices: np.ndarray, sync: bool) -> float:
+    def _progress(self, epoch: int, it: int) -> Progress:
+        return Progress(
+            epoch=epoch + it / self.iters,
+            step=self.global_step,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            total_epochs=self.cfg.epochs,
+        )
+
+    def _micro_step(
+        self, net: torch.nn.Module, indices: np.ndarray, sync: bool, at: Progress
+    ) -> tuple[float, dict[str, float]]:
         batch = torch.from_numpy(self.images.take(indices)).to(self.ctx.device, non_blocking=True)
-        x = training_batch(batch, self.prep)
         no_sync = getattr(net, "no_sync", None)
         with nullcontext() if sync or no_sync is None else no_sync():
             with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
-                loss, _, _ = net(x)
+                loss, stats = self.recipe.loss(net, batch, at)
             value = dist_.mean_across(float(loss.item()), self.ctx)
             if not math.isfinite(value):
                 lr = self.optimizer.param_groups[0]["lr"]
                 raise NonFiniteLossError(value, self.global_step + 1, self.epoch, lr)
             (loss / self.cfg.accum_steps).backward()
-        return value
+        return value, stats
 
     def run(self, log_fn: LogFn | None, progress: bool, log_every: int) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
@@ -395,12 +340,12 @@ class _Trainer:
         bar = tqdm(
             total=self.total_steps,
             initial=self.global_step,
-            desc="mae pretrain",
+            desc=f"{self.recipe.name} pretrain",
             disable=not (progress and ctx.is_main),
             dynamic_ncols=True,
         )
         images_per_step = cfg.batch_size * cfg.accum_steps * ctx.world_size
-        window: list[float] = []
+        window: list[dict[str, float]] = []
         tic, steps_since = time.perf_counter(), 0
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(self.epoch, cfg.epochs):
@@ -408,28 +353,28 @@ class _Trainer:
             batches = self._epoch_batches(epoch)
             start = self.step_in_epoch * cfg.accum_steps  # > 0 only in a resumed epoch
             micro: list[float] = []
+            micro_stats: list[dict[str, float]] = []
             for it in range(start, self.iters):
+                at = self._progress(epoch, it)
                 if it % cfg.accum_steps == 0:
-                    lr = lr_at(
-                        epoch + it / self.iters,
-                        peak_lr=self.peak_lr,
-                        min_lr=cfg.min_lr,
-                        warmup_epochs=cfg.warmup_epochs,
-                        total_epochs=cfg.epochs,
-                    )
-                    set_lr(self.optimizer, lr)
+                    values = self.recipe.schedule(self.optimizer, at)
                 sync = (it + 1) % cfg.accum_steps == 0
-                micro.append(self._micro_step(net, batches[it], sync))
+                value, stats = self._micro_step(net, batches[it], sync, at)
+                micro.append(value)
+                micro_stats.append(stats)
                 if not sync:
                     continue
+                values = {**values, **self.recipe.before_step(self.model, at)}
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.global_step += 1
                 self.step_in_epoch = (it + 1) // cfg.accum_steps
+                values = {**values, **self.recipe.after_step(self.model, at)}
                 step_loss = float(np.mean(micro))
-                micro = []
+                lr = values["lr"]
                 self.history.append((self.global_step, epoch, step_loss, lr))
-                window.append(step_loss)
+                window.append({"loss": step_loss, **values, **_mean_stats(micro_stats)})
+                micro, micro_stats = [], []
                 steps_since += 1
                 bar.update(1)
                 mid_epoch = self.step_in_epoch < self.steps_per_epoch
@@ -438,7 +383,7 @@ class _Trainer:
                 if self.global_step % log_every == 0 or not mid_epoch:
                     elapsed = max(time.perf_counter() - tic, 1e-9)
                     metrics = {
-                        "loss": float(np.mean(window)),
+                        **_mean_stats(window),
                         "lr": lr,
                         "epoch": epoch + self.step_in_epoch / self.steps_per_epoch,
                         "images_per_s": steps_since * images_per_step / elapsed,
@@ -446,6 +391,7 @@ class _Trainer:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
                     if log_fn is not None and ctx.is_main:
                         log_fn(metrics, self.global_step)
+                    self.recipe.check(metrics, self._progress(epoch, it + 1))
                     window, tic, steps_since = [], time.perf_counter(), 0
             self.step_in_epoch = 0
             self._save(epoch + 1, 0)
@@ -454,7 +400,8 @@ class _Trainer:
 
     def _finish(self) -> TrainResult:
         encoder_path = self.out_dir / ENCODER_NAME
-        digest = _param_digest(self.model.encoder)
+        encoder = self.recipe.encoder(self.model)
+        digest = _param_digest(encoder)
         digests = dist_.gather_to_main(digest, self.ctx)
         if self.ctx.is_main:
             if digests is not None and len(set(digests)) > 1:
@@ -462,11 +409,11 @@ class _Trainer:
             # Only what the weights are: a tracking run id (kept in ``extra``, for resuming) would
             # give identical weights a new file hash on every run and in every store.
             meta = {
-                "recipe": self.cfg.recipe,
+                "recipe": self.cfg.recipe_settings(self.recipe.name).recipe,
                 "fingerprint": self.fp,
                 "global_step": str(self.global_step),
             }
-            save_encoder(encoder_path, self.model.encoder, self.arch, self.prep, extra=meta)
+            save_encoder(encoder_path, encoder, self.recipe.spec(), self.prep, extra=meta)
             _write_history(self.out_dir / HISTORY_NAME, self.history)
         dist_.barrier(self.ctx)
         last_epoch = [loss for _, e, loss, _ in self.history if e == self.cfg.epochs - 1]
@@ -479,6 +426,12 @@ class _Trainer:
             history=[(s, loss, lr) for s, _, loss, lr in self.history],
             param_digest=digest,
         )
+
+
+def _mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each statistic over ``rows`` (those a row lacks are left out of its mean)."""
+    keys = {k for row in rows for k in row}
+    return {k: float(np.mean([row[k] for row in rows if k in row])) for k in sorted(keys)}
 
 
 def _write_history(path: Path, history: list[tuple[int, int, float, float]]) -> None:
