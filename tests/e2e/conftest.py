@@ -146,6 +146,21 @@ def four(tmp_path_factory, clone: Callable, sh: Callable, request):  # noqa: ANN
 
 
 @pytest.fixture(scope="session")
+def recipes(tmp_path_factory, tiny_data: Path, clone: Callable, sh: Callable, request):  # noqa: ANN001, ANN201
+    """One MAE and one DINOv2 FM per site, all pre-trained here (tests/e2e/test_two_recipes.py):
+    the tiny profile with profiles/two-recipes.yaml, on two of its tasks."""
+    from retfm.profiles import apply_overrides, apply_profile
+
+    claim(request.config, tmp_path_factory, "recipes")
+    repo = clone(tmp_path_factory.mktemp("two-recipes"), profile="tiny")
+    apply_profile(repo / "params.yaml", repo / "profiles" / "two-recipes.yaml")
+    apply_overrides(repo / "params.yaml", {"study": {"tasks": ["hospital_dr", "screening_dr"]}})
+    shutil.copytree(tiny_data, repo / "data")
+    sh(["dvc", "add", "-q", "data"], repo)
+    return Study(repo, sh(["dvc", "repro"], repo))
+
+
+@pytest.fixture(scope="session")
 def sh() -> Callable[..., subprocess.CompletedProcess]:
     """Run a command in a study repo with the project's venv on PATH."""
     return run
