@@ -164,7 +164,7 @@ def _config(arch, batch: int, head: tuple[int, int, int], reps: int, rounds: int
             centering=centering, head_hidden_dim=hidden, head_bottleneck_dim=bottleneck,
             out_dim=out_dim))  # no clipping or drop path: the example's work  # fmt: skip
         return DINOv2Recipe(cfg, arch, Preprocessing(img_size=arch.img_size),
-                            images_per_step=batch, world_size=1)  # fmt: skip
+                            images_per_step=batch)  # fmt: skip
 
     def built(r: DINOv2Recipe) -> DINOv2:
         torch.manual_seed(0)  # the same weights on every side

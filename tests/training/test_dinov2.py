@@ -109,7 +109,7 @@ def test_sinkhorn_knopp_balances_prototypes_over_the_batch() -> None:
 # ----------------------------------------------------------------------------- optimiser
 def test_param_groups_carry_layer_decay_patch_multiplier_and_no_decay() -> None:
     cfg = settings(layer_decay=0.5, patch_embed_lr_mult=0.2)
-    model = DINOv2Recipe(cfg, ARCH, PREP, images_per_step=32, world_size=1).build()
+    model = DINOv2Recipe(cfg, ARCH, PREP, images_per_step=32).build()
     groups = param_groups(model, cfg.dinov2)
     where = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -156,7 +156,7 @@ def test_short_pretraining_lowers_the_loss_and_beats_a_random_encoder(tmp_path: 
     assert (spec.family, spec.global_pool, spec.init_values) == ("dinov2", "token", 1.0)
     assert meta["recipe"] == cfg.dinov2.recipe
     torch.manual_seed(0)
-    random = DINOv2Recipe(cfg, ARCH, PREP, images_per_step=32, world_size=1).build().encoder
+    random = DINOv2Recipe(cfg, ARCH, PREP, images_per_step=32).build().encoder
     trained, chance = _knn_accuracy(encoder, test_x, test_y), _knn_accuracy(random, test_x, test_y)
     assert trained > chance + 0.08, (trained, chance)  # measured: 0.77 vs 0.58 (400 images)
     for key in (

@@ -69,10 +69,11 @@ _RANK_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.e2e
-def test_two_process_gloo_run_agrees_and_writes_a_loadable_encoder(tmp_path: Path) -> None:
+def _two_ranks(script_text: str, tmp_path: Path) -> tuple[Path, list[dict]]:
+    """Run ``script_text`` (a template taking ``tests``) under torchrun with two CPU processes;
+    return its output folder and what each rank wrote (``rank<r>.json``)."""
     script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(script_text.format(tests=str(Path(__file__).parent)))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -81,7 +82,12 @@ def test_two_process_gloo_run_agrees_and_writes_a_loadable_encoder(tmp_path: Pat
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.e2e
+def test_two_process_gloo_run_agrees_and_writes_a_loadable_encoder(tmp_path: Path) -> None:
+    out, ranks = _two_ranks(_RANK_SCRIPT, tmp_path)
     assert ranks[0]["digest"] == ranks[1]["digest"]  # identical parameters on every rank
     # 96 images / 2 ranks / batch 16 = 3 steps per epoch, 2 epochs
     assert ranks[0]["steps"] == ranks[1]["steps"] == 6
@@ -117,17 +123,7 @@ _DINO_RANK_SCRIPT = textwrap.dedent(
 def test_two_process_dinov2_run_keeps_one_teacher(tmp_path: Path) -> None:
     """Every rank builds the same student and teacher; DDP keeps the students equal and the EMA
     the teachers (DDP does not sync a module without gradients)."""
-    script = tmp_path / "rank.py"
-    script.write_text(_DINO_RANK_SCRIPT.format(tests=str(Path(__file__).parent)))
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    out, ranks = _two_ranks(_DINO_RANK_SCRIPT, tmp_path)
     assert ranks[0]["digest"] == ranks[1]["digest"]  # the teachers (the FM) are identical
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (64 // 2 // 16)
     assert ranks[0]["loss"] == ranks[1]["loss"]

@@ -74,7 +74,8 @@ def fingerprint(
     seed: int,
     n_images: int,
     world_size: int = 1,
-    recipe: str = "mae",
+    *,
+    recipe: str,
 ) -> str:
     """A hash of everything that decides what a run computes; a checkpoint only resumes a run
     with the same fingerprint."""
@@ -245,9 +246,8 @@ class _Trainer:
             arch,
             prep,
             images_per_step=cfg.batch_size * cfg.accum_steps * ctx.world_size,
-            world_size=ctx.world_size,
         )
-        self.fp = fingerprint(cfg, arch, seed, n, ctx.world_size, recipe_cls.name)
+        self.fp = fingerprint(cfg, arch, seed, n, ctx.world_size, recipe=recipe_cls.name)
         self.ckpt_path = out_dir / CHECKPOINT_NAME
 
         _seed_all(seed)  # every rank builds the same weights (a teacher too, which DDP won't sync)
@@ -344,7 +344,7 @@ class _Trainer:
             disable=not (progress and ctx.is_main),
             dynamic_ncols=True,
         )
-        images_per_step = cfg.batch_size * cfg.accum_steps * ctx.world_size
+        images_per_step = self.recipe.images_per_step
         window: list[dict[str, float]] = []
         tic, steps_since = time.perf_counter(), 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -409,7 +409,7 @@ class _Trainer:
             # Only what the weights are: a tracking run id (kept in ``extra``, for resuming) would
             # give identical weights a new file hash on every run and in every store.
             meta = {
-                "recipe": self.cfg.recipe_settings(self.recipe.name).recipe,
+                "recipe": self.recipe.cfg.recipe,
                 "fingerprint": self.fp,
                 "global_step": str(self.global_step),
             }

@@ -59,11 +59,10 @@ class Recipe(ABC):
         prep: Preprocessing,
         *,
         images_per_step: int,
-        world_size: int,
     ) -> None:
         self.pretrain, self.arch, self.prep = pretrain, arch, prep
         self.cfg: Any = pretrain.recipe_settings(self.name)
-        self.images_per_step, self.world_size = images_per_step, world_size
+        self.images_per_step = images_per_step  # over every process and micro-batch
 
     @abstractmethod
     def build(self) -> nn.Module:

@@ -31,7 +31,7 @@ from retfm.settings import DINOv2RecipeSettings
 from retfm.training.augment import multi_crop
 from retfm.training.dino_losses import normalised_entropy
 from retfm.training.recipes import Progress, Recipe
-from retfm.training.schedule import lr_at
+from retfm.training.schedule import lr_at, set_lr
 
 _NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "reg_token", "mask_token", "gamma")
 
@@ -122,8 +122,8 @@ class DINOv2Recipe(Recipe):
                    warmup_epochs=c.warmup_epochs, total_epochs=at.total_epochs)  # fmt: skip
         wd = cosine_schedule(min(at.step, at.total_steps), at.total_steps, c.weight_decay,
                              c.weight_decay_end)  # fmt: skip
+        set_lr(optimizer, lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
             group["weight_decay"] = wd * group.get("wd_scale", 1.0)
         return {"lr": lr, "weight_decay": wd, "teacher_temp": self.teacher_temp(at),
                 "momentum": self.momentum(at)}  # fmt: skip
