@@ -102,11 +102,14 @@ def test_compare_writes_report_and_summary(study, sh) -> None:
     report = html.unescape((study.path / "outputs/study/report.html").read_text())
     assert "Methods: how each question is decided" in report
     assert "Measured at this study's design" in report  # calibration at its own test sets
+    # and what the test does not cover: one pre-training run per site
+    assert "What the test does not cover: it compares these FMs as trained" in report
     shown = sh(["retfm", "summary"], study.path).stdout
     assert "hospital_dr" in shown and "mlflow ui" in shown
     # each answer names the test that decided it, never another test's p beside its verdict
     assert "Decided by: paired test on the same test images" in shown
     assert "Decided by: stratified score test" in shown
+    assert "Scope: it compares these FMs as trained" in shown
     allowed = {"no evidence", "mae-hospital better", "mae-screening better"}
     for task in summary["tasks"]:
         for comparison in task["comparisons"]:

@@ -35,6 +35,15 @@ DECIDING_TEST = (
     "paired test on the same test images: difference of seed-mean AUROCs, variance = "
     "patient-clustered DeLong (test set) + seed variance, Satterthwaite t"
 )
+#: What the deciding test does not cover: it compares the FMs as trained. Each site's FM is one
+#: pre-training run on one drawn cohort; another draw moves the difference by about as much as
+#: the test's own error (benchmarks/bench_recovery.py --draws), and no single study can see it.
+COMPARISON_SCOPE = (
+    "it compares these FMs as trained: each site's FM is one pre-training run on one drawn "
+    "cohort, and the spread between such draws (another cohort, another pre-training) is not "
+    "in the test, so a difference says which of these FMs is better, and says that a site's "
+    "data is better only when it holds over several pre-training runs per site"
+)
 
 
 def seed_average(preds: pd.DataFrame) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from retfm.evaluation.analysis import AnalysisConfig, StudyAnalysis
-from retfm.evaluation.comparison import DECIDING_TEST
+from retfm.evaluation.comparison import COMPARISON_SCOPE, DECIDING_TEST
 from retfm.evaluation.factors import TEST_NAME as FACTOR_TEST
 from retfm.evaluation.subgroups import group_sort_key
 from retfm.evaluation.verdicts import EFFECT, NO_EVIDENCE, is_undetermined
@@ -138,6 +138,7 @@ def build_summary(
             "alpha": config.alpha,
             "correction": config.correction,
             "comparison_test": DECIDING_TEST,
+            "comparison_scope": COMPARISON_SCOPE,
             "factor_test": FACTOR_TEST,
             "undetermined": UNDETERMINED_MEANS,
             "calibration": calibration,
@@ -286,6 +287,8 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
     out.write(tabulate(rows, headers=header, tablefmt="github") + "\n\n")
     out.write(alignment_line(summary["alignment"]) + "\n")
     out.write(f"  Decided by: {m['comparison_test']}; alpha {m['alpha']}.\n")
+    if m.get("comparison_scope"):
+        out.write(f"  Scope: {m['comparison_scope']}.\n")
     for line in factor_lines(summary["factors"]):
         out.write(line + "\n")
     header, rows = factor_table(summary["factors"])
