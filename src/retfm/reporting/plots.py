@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from retfm.evaluation.verdicts import EFFECT  # noqa: E402
 
@@ -107,7 +108,12 @@ def plot_differences(comparisons: pd.DataFrame, out: Path, *, title: str) -> Pat
     ``comparisons`` columns: task, fm_a, fm_b, diff, lo, hi, verdict.
     """
     rows = comparisons.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.5 * len(rows)))
+    labels = [f"{r.task}: {r.fm_a} - {r.fm_b}" for r in rows.itertuples()]
+    # the y labels take their width from the figure: widen it with them, so that the axis
+    # keeps room for readable ticks (a fixed 7 in squeezed "-0.050 -0.025 ..." together)
+    width = 5.5 + 0.075 * max((len(label) for label in labels), default=0)
+    fig, ax = plt.subplots(figsize=(width, 0.9 + 0.5 * len(rows)))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
     for i, r in rows.iterrows():
         decided = str(r["verdict"]).endswith("better")
         colour = "tab:red" if decided else ("tab:grey" if "undetermined" in r["verdict"] else "k")
@@ -130,7 +136,7 @@ def plot_differences(comparisons: pd.DataFrame, out: Path, *, title: str) -> Pat
             color=colour,
         )
     ax.axvline(0, color="grey", lw=0.8, ls=":")
-    ax.set_yticks(range(len(rows)), [f"{r.task}: {r.fm_a} - {r.fm_b}" for r in rows.itertuples()])
+    ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("AUROC difference (seed means), 95% interval")
     ax.set_title(title)
