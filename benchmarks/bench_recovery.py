@@ -129,8 +129,9 @@ def judged(name: str, summary: dict[str, Any], seconds: float | None) -> dict[st
 
 
 def spread(draws: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per task: the FM difference in each draw, its sd between draws, and the mean 95%
-    half-width the study's own test reports within a draw (what the test accounts for)."""
+    """Per task (first FM pair): the FM difference in each draw, its sd between draws, and the
+    test's standard error within a draw, read off its 95% interval as half-width / 1.96 (the
+    interval uses a t quantile, a little above 1.96, so this slightly overstates the SE)."""
     out: dict[str, Any] = {}
     tasks = next(iter(draws.values()))["found"]["differences"]
     for task in tasks:

@@ -130,12 +130,8 @@ def _methods(summary: dict[str, Any]) -> list[str]:
         "(RETFound's) sees only the seeds: every seed is scored on the same finite test set, "
         "so in simulation it called equally good FMs different far above its nominal rate; "
         "its p is shown as an extra column and decides nothing. p-values are adjusted "
-        f"({m['correction']}) over every comparison of the study; alpha {m['alpha']}."
-        + (
-            f" What the test does not cover: {m['comparison_scope']}."
-            if m.get("comparison_scope")
-            else ""
-        ),
+        f"({m['correction']}) over every comparison of the study; alpha {m['alpha']}. "
+        f"What the test does not cover: {m['comparison_scope']}.",
         f"Which metadata factors matter: {m['factor_test']}. Each image's placement (the share "
         "of other-class images it outranks on its own class) is compared between groups only "
         "within the same task, true class and FM, so differences in difficulty, disease "

@@ -287,7 +287,7 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
     out.write(tabulate(rows, headers=header, tablefmt="github") + "\n\n")
     out.write(alignment_line(summary["alignment"]) + "\n")
     out.write(f"  Decided by: {m['comparison_test']}; alpha {m['alpha']}.\n")
-    if m.get("comparison_scope"):
+    if m.get("comparison_scope"):  # absent from a summary.json written before it was added
         out.write(f"  Scope: {m['comparison_scope']}.\n")
     for line in factor_lines(summary["factors"]):
         out.write(line + "\n")
