@@ -1,9 +1,9 @@
-"""Stage adapt@<fm>-<task>: adapt one FM to one downstream task, for every seed.
+"""Stage adapt@<fm>-r<k>-<task>: adapt one FM replicate to one downstream task, for every seed.
 
 Each seed is an MLflow run (experiment ``adapt``) under the study's parent run, tagged so that
-``mlflow ui`` Compare lines runs up by FM, site, recipe, task, alignment and seed. The best
-seed's classifier (on the validation split) is exported to ONNX and registered as
-``clf-<task>-fm-<fm>``.
+``mlflow ui`` Compare lines runs up by FM, replicate, site, recipe, task, alignment and seed.
+The best seed's classifier (on the validation split) is exported to ONNX and registered as
+``clf-<task>-fm-<fm>-r<k>``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from retfm import tracking
 from retfm.data.shards import PackedSet
-from retfm.fms import FM, get_fm
+from retfm.fms import Replicate, get_replicate
 from retfm.models.encoder import Preprocessing, canonical_safetensors, load_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
 from retfm.registry.lineage import fm_lineage_tags, weights_digest
@@ -35,7 +35,7 @@ from retfm.training.features import extract_features
 @stage("adapt")
 def main(name: str, task: str) -> None:
     settings = load_settings()
-    fm = get_fm(settings, name)
+    fm = get_replicate(settings, name)
     outputs, cfg = settings.paths.outputs, settings.adapt
     registration = json.loads((outputs / "register" / fm.name / "registration.json").read_text())
     weights = outputs / "pretrain" / fm.name / "encoder.safetensors"
@@ -84,7 +84,9 @@ def main(name: str, task: str) -> None:
             # coordinates plot read params, not tags
             mlflow.log_params(
                 {
-                    "fm": fm.name,
+                    "fm": fm.fm.name,
+                    "fm_replicate": fm.index,
+                    "fm_run": fm.name,
                     "fm_site": fm.site,
                     "fm_recipe": fm.recipe,
                     "fm_version": fm_version,
@@ -116,7 +118,9 @@ def main(name: str, task: str) -> None:
     tracking.write_json(
         out / "runs.json",
         {
-            "fm": fm.name,
+            "fm": fm.fm.name,
+            "replicate": fm.index,
+            "run": fm.name,
             "fm_site": fm.site,
             "fm_recipe": fm.recipe,
             "task": task,
@@ -149,7 +153,7 @@ def _log_history(client, run_id: str, history: list[dict[str, float]]) -> None: 
 
 def _register_classifier(
     settings: Settings,
-    fm: FM,
+    fm: Replicate,
     task: str,
     seed: int,
     result: AdaptResult,

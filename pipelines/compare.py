@@ -1,5 +1,6 @@
-"""Stage compare: which FM is better on which task, whether alignment matters, which metadata
-factors matter (one call: :func:`retfm.evaluation.analysis.analyse_study`), how often those
+"""Stage compare: whose pre-training data make the better FM on which task (each FM's
+replicated pre-training runs pooled), which run is better than which (per run, labelled),
+whether alignment matters, which metadata factors matter (one call: :func:`retfm.evaluation.analysis.analyse_study`), how often those
 decisions would be wrong at this study's design (simulated null studies), the study report, one
 ``study`` MLflow run linking every run it compared, and the ``eval.*`` tags on each FM version
 that promotion gates read."""
@@ -22,7 +23,7 @@ from retfm.evaluation.analysis import AnalysisConfig, analyse_study, read_adapta
 from retfm.evaluation.calibration import calibrate_null
 from retfm.evaluation.runs import groupings
 from retfm.evaluation.simulation import design_from_predictions
-from retfm.fms import fm_recipes, fm_sites, study_fms
+from retfm.fms import fm_recipes, fm_sites, replicate_fms, study_fms, study_replicates
 from retfm.registry.evaluation import description, evaluation_tags, settings_digest
 from retfm.registry.models import logged_model_id, recorded_version
 from retfm.reporting.plots import (
@@ -44,18 +45,22 @@ def main() -> None:
     outputs = settings.paths.outputs
     out = outputs / "study"
     fms = study_fms(settings)
+    reps = study_replicates(settings)
     _check_recipes(settings)
     runs = pd.read_parquet(outputs / "evaluation" / "runs.parquet")
     groups = pd.read_parquet(outputs / "evaluation" / "groups.parquet")
-    names = [fm.name for fm in fms]
-    preds, task_sites = read_adaptations(outputs, names, settings.study.tasks)
-    sites, recipes = fm_sites(fms), fm_recipes(fms)
+    preds, task_sites = read_adaptations(outputs, [r.name for r in reps], settings.study.tasks)
+    sites, recipes, replicate_of = fm_sites(fms), fm_recipes(fms), replicate_fms(reps)
 
     config = AnalysisConfig.from_settings(settings)
-    analysis = analyse_study(preds, sites, task_sites, config, fm_recipes=recipes)
+    analysis = analyse_study(
+        preds, sites, task_sites, config, fm_recipes=recipes, replicate_of=replicate_of
+    )
     calibration = None
     if settings.compare.calibration_studies:
-        design = design_from_predictions(preds, sites, task_sites, fm_recipes=recipes)
+        design = design_from_predictions(
+            preds, sites, task_sites, fm_recipes=recipes, replicate_of=replicate_of
+        )
         calibration = calibrate_null(
             design, config, settings.compare.calibration_studies, seed=settings.study.seed
         )
@@ -76,9 +81,21 @@ def main() -> None:
             plot_differences(
                 analysis.comparisons,
                 out / "figures" / "differences.png",
-                title="Which FM is better on each task",
+                title="Whose pre-training data is better on each task (runs pooled)",
+                xlabel="AUROC difference, mean over pre-training runs, 95% interval",
             )
         ],
+        "run_differences": (
+            [
+                plot_differences(
+                    analysis.run_comparisons,
+                    out / "figures" / "run_differences.png",
+                    title="Which pre-training run is better (per run pair)",
+                )
+            ]
+            if len(analysis.run_comparisons)
+            else []
+        ),
         "subgroups": _subgroup_figures(groups, settings, out),
         "factors": (
             [
@@ -98,9 +115,11 @@ def main() -> None:
         analysis=analysis,
         config=config,
         calibration=calibration,
+        replicates={fm.name: [r.name for r in reps if r.fm.name == fm.name] for fm in fms},
     )
     tables = {
         "comparisons": analysis.comparisons,
+        "run_comparisons": analysis.run_comparisons,
         "alignment": analysis.alignment,
         "factors": analysis.factors.drop(columns=["groups", "left_out"], errors="ignore"),
         "factor_groups": analysis.factor_groups,
@@ -121,9 +140,9 @@ def _check_recipes(settings: Settings) -> None:
     """FMs of one recipe must have been made by an identical process (their sites are what
     the comparison is about); FMs of different recipes are never compared with each other."""
     by_recipe: dict[str, dict[str, str]] = {}
-    for fm in study_fms(settings):
-        run = json.loads((settings.paths.outputs / "pretrain" / fm.name / "run.json").read_text())
-        by_recipe.setdefault(fm.recipe, {})[fm.name] = run["recipe_hash"]
+    for rep in study_replicates(settings):
+        run = json.loads((settings.paths.outputs / "pretrain" / rep.name / "run.json").read_text())
+        by_recipe.setdefault(rep.recipe, {})[rep.name] = run["recipe_hash"]
     for recipe, hashes in by_recipe.items():
         if len(set(hashes.values())) > 1 and settings.compare.require_identical_recipe:
             raise ValueError(
@@ -207,6 +226,7 @@ def _track(  # noqa: ANN001
         mlflow.log_metric("alignment.n_better", al["n_better"])
         mlflow.log_metric("alignment.n_decided", al["n_decided"])
         mlflow.log_metric("alignment.n_undetermined", al["n_undetermined"])
+        mlflow.log_metric("replicates", summary["n_replicates"])
         for t in summary["tasks"]:
             for fm, value in t["auroc"].items():
                 if value is not None:
@@ -214,6 +234,12 @@ def _track(  # noqa: ANN001
             for c in t["comparisons"]:
                 if c["diff"] is not None:
                     mlflow.log_metric(f"diff/{t['task']}/{c['fm_a']}-{c['fm_b']}", c["diff"])
+                if c["p_adj"] is not None:
+                    mlflow.log_metric(f"p_adj/{t['task']}/{c['fm_a']}-{c['fm_b']}", c["p_adj"])
+                mlflow.set_tag(f"verdict.{t['task']}.{c['fm_a']}-{c['fm_b']}", c["verdict"])
+            for run, value in t.get("run_auroc", {}).items():
+                if value is not None:
+                    mlflow.log_metric(f"run_auroc/{t['task']}/{run}", value)
         compared = sorted(tracking.keyed_run_id(settings, "adapt", k) for k in runs["run_key"])
         mlflow.log_text("\n".join(compared), "compared_runs.txt")
         mlflow.set_tag("compared.runs", str(len(runs)))
@@ -246,12 +272,12 @@ def _tag_models(  # noqa: ANN001, PLR0913
         "min_group_size": settings.evaluation.min_group_size,
     }
     models = []
-    for fm in study_fms(settings):
-        reg = json.loads((outputs / "register" / fm.name / "registration.json").read_text())
-        models.append((reg, runs[runs["fm"] == fm.name]))
+    for rep in study_replicates(settings):
+        reg = json.loads((outputs / "register" / rep.name / "registration.json").read_text())
+        models.append((reg, runs[runs["run"] == rep.name]))
         for task in settings.study.tasks:
-            info = json.loads((outputs / "adapt" / fm.name / task / "runs.json").read_text())
-            mine = runs[(runs["fm"] == fm.name) & (runs["task"] == task)
+            info = json.loads((outputs / "adapt" / rep.name / task / "runs.json").read_text())
+            mine = runs[(runs["run"] == rep.name) & (runs["task"] == task)
                         & (runs["seed"] == int(info["best_seed"]))]  # fmt: skip
             models.append((info["classifier"], mine))
     for reg, mine in models:

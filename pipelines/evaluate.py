@@ -1,6 +1,7 @@
 """Stage evaluate: per-subgroup metrics, fairness gaps and bootstrap intervals for every
-adaptation run, logged into that run (``auroc``, ``auroc/age/ge60``, ``n/sex/F``,
-``gap/auroc/age`` ...) with the per-group tables, and gathered into DVC metrics."""
+adaptation run (every FM replicate x task x seed), logged into that run (``auroc``,
+``auroc/age/ge60``, ``n/sex/F``, ``gap/auroc/age`` ...) with the per-group tables, and gathered
+into DVC metrics, one file per FM x task (over its replicates and seeds)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mlflow.entities import Metric
 
 from retfm import tracking
 from retfm.evaluation.runs import evaluate_predictions
-from retfm.fms import study_fms
+from retfm.fms import study_replicates
 from retfm.settings import load_settings
 from retfm.stage import stage
 
@@ -25,9 +26,9 @@ def main() -> None:
     outputs = settings.paths.outputs
     client = tracking.configure(settings)
     run_rows, group_frames = [], []
-    for fm in study_fms(settings):
+    for rep in study_replicates(settings):
         for task in settings.study.tasks:
-            folder = outputs / "adapt" / fm.name / task
+            folder = outputs / "adapt" / rep.name / task
             info = json.loads((folder / "runs.json").read_text())
             preds = pd.read_parquet(folder / "predictions.parquet")
             for seed, frame in preds.groupby("seed", sort=True):
@@ -45,9 +46,11 @@ def main() -> None:
                     metrics["auroc_hi"] = float(overall_ci["hi"].iloc[0])
                 _log(client, run_id, metrics, result.groups, result.keys.undefined)
                 context = {
-                    "fm": fm.name,
-                    "fm_site": fm.site,
-                    "fm_recipe": fm.recipe,
+                    "fm": rep.fm.name,
+                    "replicate": rep.index,
+                    "run": rep.name,
+                    "fm_site": rep.site,
+                    "fm_recipe": rep.recipe,
                     "task": task,
                     "task_site": info["task_site"],
                     "aligned": info["aligned"],
@@ -65,7 +68,7 @@ def main() -> None:
         out / "groups.parquet", index=False
     )
     _write_dvc_metrics(runs, out / "metrics")
-    print(runs.groupby(["fm", "task"])["auroc"].agg(["mean", "std"]).round(3).to_string())
+    print(runs.groupby(["run", "task"])["auroc"].agg(["mean", "std"]).round(3).to_string())
 
 
 def _log(
@@ -88,9 +91,11 @@ def _log(
 
 
 def _write_dvc_metrics(runs: pd.DataFrame, folder) -> None:  # noqa: ANN001
-    """Mean (and sd) over seeds, one file per FM x task (``<fm>.<task>.json``), so that
+    """Mean over replicates and seeds, one file per FM x task (``<fm>.<task>.json``), so that
     ``dvc metrics show`` prints one row per FM and task and ``dvc metrics diff`` compares two
-    versions of the study. Keys are spelled as the MLflow metrics (``gap/auroc/age``)."""
+    versions of the study; ``auroc_sd`` is the sd over every run, ``auroc_replicate_sd`` the sd
+    of the replicates' seed means (the pre-training draw). Keys are spelled as the MLflow
+    metrics (``gap/auroc/age``)."""
     keep = [
         c
         for c in runs.columns
@@ -106,6 +111,8 @@ def _write_dvc_metrics(runs: pd.DataFrame, folder) -> None:  # noqa: ANN001
             if len(vals):
                 entry[col] = round(float(np.mean(vals)), 5)
         entry["auroc_sd"] = round(float(np.std(frame["auroc"], ddof=1)), 5) if len(frame) > 1 else 0
+        means = frame.groupby("replicate")["auroc"].mean()
+        entry["auroc_replicate_sd"] = round(float(means.std(ddof=1)), 5) if len(means) > 1 else 0
         name = f"{fm}.{task}.json"
         tracking.write_json(folder / name, entry)
         written.add(name)

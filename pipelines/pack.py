@@ -1,4 +1,4 @@
-"""Stages pack_cohort@<site> and pack_task@<task>: decode and resize every image once into
+"""Stages pack_cohort@<site>-r<k> and pack_task@<task>: decode and resize every image once into
 memory-mapped uint8 shards, so that no epoch decodes a PNG again.
 
 A cohort is packed at the model's input size S (pre-training crops from the whole image); a
@@ -25,8 +25,10 @@ def main(kind: str, name: str) -> None:
     settings = load_settings()
     outputs, data = settings.paths.outputs, settings.paths.data
     if kind == "cohort":
+        if name not in settings.expanded.cohorts:
+            raise ValueError(f"cohort {name!r} is not one of {list(settings.expanded.cohorts)}")
         meta = pd.read_parquet(outputs / "cohorts" / name / "cohort.parquet")
-        root = data / "sites" / name
+        root = data / "sites" / settings.expanded.cohorts[name].site
     else:
         meta = pd.read_parquet(outputs / "validation" / "tasks" / f"{name}.parquet")
         root = data / "tasks" / name

@@ -1,5 +1,6 @@
-"""Stage pretrain@<fm>: one foundation model, made by its recipe from its site's cohort
-(identical recipe for every site), or imported from a released checkpoint.
+"""Stage pretrain@<fm>-r<k>: one pre-training run (replicate k) of a foundation model, made by
+its recipe from the site's cohort for that replicate with the replicate's seed (identical
+recipe for every site), or imported from a released checkpoint (one run).
 
 Resumable: checkpoints live outside the stage's outs (``outputs/checkpoints``), keyed by the
 packed cohort's fingerprint, so a killed run continues where it stopped, into the same MLflow
@@ -22,7 +23,7 @@ import typer
 
 from retfm import tracking
 from retfm.data.shards import PackedSet
-from retfm.fms import FM, get_fm
+from retfm.fms import Replicate, get_replicate
 from retfm.models.checkpoints import import_encoder
 from retfm.models.encoder import Preprocessing, save_encoder
 from retfm.registry.lineage import sha256_file
@@ -35,7 +36,7 @@ from retfm.training.pretrain import pretrain_fm, read_checkpoint_extra
 @stage("pretrain")
 def main(name: str) -> None:
     settings = load_settings()
-    fm = get_fm(settings, name)
+    fm = get_replicate(settings, name)
     out = settings.paths.outputs / "pretrain" / fm.name
     if fm.imported:
         _import_released(settings, fm, out)
@@ -43,7 +44,7 @@ def main(name: str) -> None:
     _pretrain(settings, fm, out)
 
 
-def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
+def _pretrain(settings: Settings, fm: Replicate, out: Path) -> None:
     outputs = settings.paths.outputs
     images = PackedSet(fm.source)
     arch, cfg = settings.model.arch, settings.pretrain
@@ -61,29 +62,32 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
         "stage": "pretrain",
     }
     if rank != 0:  # other DDP ranks train without tracking
-        pretrain_fm(fm.recipe, cfg, arch, images, ckpt_dir, seed=settings.study.seed, prep=prep,
+        pretrain_fm(fm.recipe, cfg, arch, images, ckpt_dir, seed=fm.seed, prep=prep,
                     progress=False)  # fmt: skip
         return
 
     previous = read_checkpoint_extra(ckpt_dir) or {}
     key = tracking.run_key("pretrain", fm.name, images.fingerprint[:16], recipe_hash,
-                           f"seed{settings.study.seed}")  # fmt: skip
+                           f"seed{fm.seed}")  # fmt: skip
+    parent = _fm_parent(settings, fm, recipe_hash)
     with tracking.run(
         settings,
         "pretrain",
         name=f"pretrain {fm.label}",
         tags=tags,
         run_id=previous.get("mlflow_run_id"),
+        parent_run_id=parent,
         key=key,
     ) as active:
         run_id = active.info.run_id
         if not previous:
-            tracking.log_dataset(images.meta, name=f"cohort-{fm.site}", source=str(fm.source),
+            tracking.log_dataset(images.meta, name=f"cohort-{fm.cohort}", source=str(fm.source),
                                  digest=images.fingerprint, context="pre-training")  # fmt: skip
             mlflow.log_params({f"arch.{k}": v for k, v in arch.model_dump().items()})
             mlflow.log_params(_flat(cfg.for_recipe(fm.recipe)))
-            mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe})
-            mlflow.log_params({"cohort.images": len(images), "seed": settings.study.seed})
+            mlflow.log_params({"fm": fm.fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe,
+                               "fm_replicate": fm.index, "fm_run": fm.name})  # fmt: skip
+            mlflow.log_params({"cohort.images": len(images), "seed": fm.seed})
         sender = tracking.BufferedMetricLogger(tracking.configure(settings), run_id)
         try:
             result = pretrain_fm(
@@ -92,7 +96,7 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
                 arch,
                 images,
                 ckpt_dir,
-                seed=settings.study.seed,
+                seed=fm.seed,
                 prep=prep,
                 log_fn=sender.log,
                 extra={"mlflow_run_id": run_id},
@@ -113,7 +117,10 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
             out / "run.json",
             {
                 "mlflow_key": key,
-                "fm": fm.name,
+                "fm": fm.fm.name,
+                "replicate": fm.index,
+                "run": fm.name,
+                "seed": fm.seed,
                 "site": fm.site,
                 "recipe_family": fm.recipe,
                 "steps": result.steps,
@@ -124,8 +131,19 @@ def _pretrain(settings: Settings, fm: FM, out: Path) -> None:
                 "cohort_fingerprint": images.fingerprint,
             },
         )
+    tracking.configure(settings).set_terminated(parent, "FINISHED")  # ends with its last child
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun with new data starts fresh
     print(f"pretrain {fm.label}: {result.steps} steps, final loss {result.final_loss:.4f}")
+
+
+def _fm_parent(settings: Settings, fm: Replicate, recipe_hash: str) -> str:
+    """The run that groups an FM's replicates in the ``pretrain`` experiment (one per FM,
+    recipe version and raw data version): the UI shows the replicates as its children."""
+    key = f"{fm.fm.name}:{recipe_hash}:{tracking.dvc_hash(Path('data.dvc'))[:12]}"
+    return tracking.parent_run(
+        settings, "pretrain", "fm-parent", key, f"pretrain {fm.fm.label}",
+        tags={**fm.fm.tags(), "stage": "pretrain"},
+    )  # fmt: skip
 
 
 def _flat(params: dict, prefix: str = "") -> dict[str, str]:
@@ -139,7 +157,7 @@ def _flat(params: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _import_released(settings: Settings, fm: FM, out: Path) -> None:
+def _import_released(settings: Settings, fm: Replicate, out: Path) -> None:
     """Use a released checkpoint as this FM instead of pre-training it.
 
     Imports of one recipe share one recipe hash (the released recipe and architecture), so the
@@ -167,7 +185,7 @@ def _import_released(settings: Settings, fm: FM, out: Path) -> None:
     plot_loss(out / "history.csv", out / "loss.png", title=f"{fm.label}: imported, not trained")
     card = {
         "imported": True,
-        "fm": fm.name,
+        "fm": fm.fm.name,
         "site": fm.site,
         "recipe": fm.recipe,
         "checkpoint": {"file": path.name, "sha256": weights_sha, "layout": imported.layout},
@@ -193,15 +211,19 @@ def _import_released(settings: Settings, fm: FM, out: Path) -> None:
             "source.sha256": weights_sha,
         },
     ):
-        mlflow.log_params({"fm": fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe,
-                           "checkpoint": path.name, "layout": imported.layout,
+        mlflow.log_params({"fm": fm.fm.name, "fm_site": fm.site, "fm_recipe": fm.recipe,
+                           "fm_replicate": 0, "fm_run": fm.name, "checkpoint": path.name,
+                           "layout": imported.layout,
                            **{f"arch.{k}": v for k, v in spec.model_dump().items()}})  # fmt: skip
         mlflow.log_text(json.dumps(card, indent=2), "data_card.json")
         tracking.write_json(
             out / "run.json",
             {
                 "mlflow_key": key,
-                "fm": fm.name,
+                "fm": fm.fm.name,
+                "replicate": 0,
+                "run": fm.name,
+                "seed": None,
                 "site": fm.site,
                 "recipe_family": fm.recipe,
                 "steps": 0,

@@ -1,5 +1,5 @@
-"""Stage register@<fm>: ONNX export, parity check against PyTorch, and an ``fm-<fm>``
-registry version with its lineage (data and cohort hashes, commit, params, recipe), data card
+"""Stage register@<fm>-r<k>: ONNX export, parity check against PyTorch, and an
+``fm-<fm>-r<k>`` registry version (one registered model per FM replicate) with its lineage (data and cohort hashes, commit, params, recipe), data card
 and model card. Alias ``candidate``; ``champion`` only through ``retfm promote``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import typer
 
 from retfm import tracking
-from retfm.fms import get_fm
+from retfm.fms import get_replicate
 from retfm.models.encoder import encode, load_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
 from retfm.registry.lineage import check_cohort_card, fm_lineage_tags, model_card
@@ -23,14 +23,14 @@ from retfm.stage import stage
 @stage("register")
 def main(name: str) -> None:
     settings = load_settings()
-    fm = get_fm(settings, name)
+    fm = get_replicate(settings, name)
     outputs = settings.paths.outputs
     folder = outputs / "pretrain" / fm.name
     weights = folder / "encoder.safetensors"
     run = json.loads((folder / "run.json").read_text())
     data_card = json.loads((folder / "data_card.json").read_text())
     if not fm.imported:
-        check_cohort_card(data_card, settings.cohort.model_dump(mode="json"), fm.site)
+        check_cohort_card(data_card, settings.cohort.model_dump(mode="json"), str(fm.cohort))
 
     encoder, spec, prep, _ = load_encoder(weights)
     out = outputs / "register" / fm.name
@@ -57,7 +57,9 @@ def main(name: str) -> None:
     }
     client = tracking.configure(settings)
     source = (
-        f"imported from {fm.source.name}" if fm.imported else f"pre-trained on the {fm.site} cohort"
+        f"imported from {fm.source.name}"
+        if fm.imported
+        else f"pre-trained on the {fm.site} cohort {fm.cohort} (replicate {fm.index})"
     )
     reg = register_onnx(
         client,
@@ -72,7 +74,9 @@ def main(name: str) -> None:
             "preprocessing": json.loads(prep.to_json()),
             "arch": spec.model_dump(),
             "output": "features",
-            "fm": fm.name,
+            "fm": fm.fm.name,
+            "replicate": fm.index,
+            "run": fm.name,
             "site": fm.site,
             "recipe": fm.recipe,
         },
@@ -80,7 +84,8 @@ def main(name: str) -> None:
         attachments=attachments,
         description=f"{fm.recipe.upper()} ViT encoder, {source} ({run['recipe']}).",
         model_description=(
-            f"Foundation model `{fm.name}`: a {fm.recipe.upper()} "
+            f"Foundation model `{fm.fm.name}`, replicate {fm.index} (`{fm.name}`): a "
+            f"{fm.recipe.upper()} "
             f"ViT encoder ({spec.embed_dim}-d features, {spec.img_size} px input) for site "
             f"`{fm.site}`, {source}. Input: normalised RGB images as in the version's "
             "`preprocessing` metadata; output: one feature vector per image. The model card "

@@ -92,6 +92,25 @@ def profile(
     typer.echo(f"{params}: profile {name} applied")
 
 
+@app.command()
+def expand(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Write params.yaml's `expanded` section (one cohort per site and replicate, one entry per
+    FM replicate) from study.fms x study.replicates: DVC expands the replicated stages from it."""
+    from retfm.profiles import expand_params
+
+    try:
+        changed = expand_params(params)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    settings = load_settings(params)
+    state = "rewritten" if changed else "already up to date"
+    typer.echo(
+        f"{params}: expanded section {state}: {len(settings.expanded.cohorts)} cohort(s), "
+        f"{len(settings.expanded.fms)} FM replicate(s) ({settings.study.replicates} per FM "
+        "pre-trained here)"
+    )
+
+
 @app.command("import-folder")
 def import_folder(
     src: Path,

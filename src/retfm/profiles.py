@@ -10,9 +10,17 @@ import io
 from pathlib import Path
 from typing import Any
 
+import yaml
 from ruamel.yaml import YAML
 
-from retfm.settings import parse_settings
+from retfm.settings import PathSettings, StudySettings, parse_settings
+
+#: The comment above the generated last section of params.yaml.
+_NOTE_LINES = (
+    "# ---- Written by `retfm expand` from study.fms x study.replicates; never edit by hand ----",
+    "# (every stage stops when it is stale). DVC cannot expand a count into stages, nor read a",
+    "# dict entry inside a matrix, so dvc.yaml's replicated stages iterate over these keys.",
+)
 
 
 def _merge(base: Any, overlay: Any) -> Any:
@@ -34,15 +42,49 @@ def apply_profile(params: Path, overlay_path: Path) -> None:
 
 
 def apply_overrides(params: Path, overlay: dict[str, Any]) -> None:
-    """Rewrite the keys ``overlay`` names in ``params`` (comments and order kept); the result
-    must validate before it is written."""
+    """Rewrite the keys ``overlay`` names in ``params`` (comments and order kept) and its
+    ``expanded`` section; the result must validate before it is written."""
     yaml = YAML()
     yaml.width = 120
     doc = yaml.load(params.read_text())
-    merged = _merge(doc, overlay)
-    plain = YAML(typ="safe").load(_dump(yaml, merged))
-    parse_settings(plain, params)  # refuse to write an invalid file
-    params.write_text(_dump(yaml, merged))
+    text = _dump(yaml, _merge(doc, overlay)) if overlay else params.read_text()
+    _write_valid(params, with_expansion(text))
+
+
+def expand_params(params: Path) -> bool:
+    """Rewrite ``params``' ``expanded`` section from its ``study`` (``retfm expand``), leaving
+    every other line as it is; returns whether anything changed."""
+    before = params.read_text()
+    after = with_expansion(before)
+    _write_valid(params, after)
+    return after != before
+
+
+def _write_valid(params: Path, text: str) -> None:
+    parse_settings(YAML(typ="safe").load(text), params)  # refuse to write an invalid file
+    params.write_text(text)
+
+
+def with_expansion(text: str) -> str:
+    """``text`` (a params.yaml) with its ``expanded`` section rewritten from its study: the
+    section is the file's last block, below :data:`EXPANDED_NOTE`."""
+    from retfm.fms import expansion
+
+    head = text.split(_NOTE_LINES[0], 1)[0]
+    head = head.split("\nexpanded:", 1)[0].rstrip("\n") + "\n"
+    plain = YAML(typ="safe").load(head) or {}
+    try:
+        study = StudySettings.model_validate(plain.get("study") or {})
+        paths = PathSettings.model_validate(plain.get("paths") or {})
+    except Exception:  # noqa: BLE001 - parse_settings then names what is wrong, by key
+        return text
+    lines = ["", *_NOTE_LINES, "expanded:"]
+    for part, entries in expansion(study, paths.outputs).items():
+        lines.append(f"  {part}:" + ("" if entries else " {}"))
+        for key, entry in entries.items():
+            flow = yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=10**6)
+            lines.append(f"    {key}: {flow.strip()}")
+    return head + "\n".join(lines) + "\n"
 
 
 def _dump(yaml: YAML, data: Any) -> str:

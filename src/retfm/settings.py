@@ -31,12 +31,13 @@ FM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 class FMSpec(_Frozen):
     """One foundation model of the study: a pre-training site and a recipe, and what it is made
-    from (``source``, the path DVC tracks as its input): the site's packed cohort when retfm
-    pre-trains it, or a released checkpoint file when it is imported. See :mod:`retfm.fms`."""
+    from: nothing more when retfm pre-trains it on the site's cohorts (``source`` left out; older
+    params name the site's packed cohort folder, which means the same), or ``source``, a released
+    checkpoint file, when it is imported. See :mod:`retfm.fms`."""
 
     site: str
     recipe: Recipe
-    source: str
+    source: str | None = None
     # only for a checkpoint that does not record its architecture and whose width and depth
     # are not a standard ViT's: the attention head count (never guessed from the width)
     num_heads: PositiveInt | None = None
@@ -44,10 +45,41 @@ class FMSpec(_Frozen):
 
 class StudySettings(_Frozen):
     name: str
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=1000)] = 0  # < the replicate seed stride (retfm.fms)
     sites: list[str] = Field(default_factory=list)  # sites with pre-training images (cohorts)
+    # pre-training runs per FM made here, each on its own cohort draw with its own seed; an
+    # imported FM is one run. With one, the data-level verdict is undetermined.
+    replicates: Annotated[int, Field(ge=1, le=100)] = 1
     fms: dict[Annotated[str, Field(pattern=FM_NAME)], FMSpec] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
+
+
+class CohortRunSpec(_Frozen):
+    """One cohort of a site for one replicate (``expanded.cohorts.<site>-r<k>``)."""
+
+    site: str
+    replicate: Annotated[int, Field(ge=0)]
+    seed: int
+
+
+class ReplicateSpec(_Frozen):
+    """One pre-training run of an FM (``expanded.fms.<fm>-r<k>``): what DVC's stage needs."""
+
+    fm: str
+    site: str
+    recipe: Recipe
+    replicate: Annotated[int, Field(ge=0)]
+    seed: int
+    source: str
+    num_heads: PositiveInt | None = None
+
+
+class ExpandedSettings(_Frozen):
+    """The study expanded into the keys of its replicated stages, written by ``retfm expand``
+    from ``study`` (DVC cannot expand a count into stages): never edited by hand."""
+
+    cohorts: dict[str, CohortRunSpec] = Field(default_factory=dict)
+    fms: dict[str, ReplicateSpec] = Field(default_factory=dict)
 
 
 class PathSettings(_Frozen):
@@ -382,12 +414,15 @@ class Settings(_Frozen):
     promotion: PromotionSettings = PromotionSettings()
     privacy: PrivacySettings = PrivacySettings()
     tracking: TrackingSettings = TrackingSettings()
+    expanded: ExpandedSettings = ExpandedSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        cohorts = (self.paths.outputs / "packed" / "cohorts").as_posix()
+        from retfm.fms import expansion, is_pretrained_here
+
+        outputs = self.paths.outputs
         trained = [n for n, s in self.study.fms.items()
-                   if Path(s.source).as_posix() == f"{cohorts}/{s.site}"]  # fmt: skip
+                   if is_pretrained_here(s.source, s.site, outputs)]  # fmt: skip
         if trained and self.pack.image_size != self.model.arch.img_size:
             raise ValueError(
                 f"pack.image_size ({self.pack.image_size}) must equal the model preset's img_size "
@@ -397,15 +432,14 @@ class Settings(_Frozen):
         if len(set(self.study.sites)) != len(self.study.sites):
             raise ValueError(f"study.sites has duplicates: {self.study.sites}")
         for name, spec in self.study.fms.items():
-            cohort = (self.paths.outputs / "packed" / "cohorts" / spec.site).as_posix()
-            packed = (self.paths.outputs / "packed").as_posix()
-            given = Path(spec.source).as_posix()
-            if given != cohort and given.startswith(packed):
-                raise ValueError(
-                    f"study.fms.{name}: source {spec.source!r} is a packed folder but not "
-                    f"site {spec.site!r}'s cohort; pre-training on it needs source: {cohort}"
-                )
-            if given != cohort:
+            packed = (outputs / "packed").as_posix()
+            if not is_pretrained_here(spec.source, spec.site, outputs):
+                if Path(str(spec.source)).as_posix().startswith(packed):
+                    raise ValueError(
+                        f"study.fms.{name}: source {spec.source!r} is a packed folder; an FM "
+                        f"pre-trained here names no source (it is trained on site "
+                        f"{spec.site!r}'s cohorts, one per replicate)"
+                    )
                 continue  # imported from a checkpoint
             if spec.site not in self.study.sites:
                 raise ValueError(
@@ -419,6 +453,13 @@ class Settings(_Frozen):
                     "checkpoint instead (source: <path to the .pth file>)"
                 )
             self.pretrain.recipe_settings(spec.recipe).check_arch(self.model.arch)
+        expected = ExpandedSettings.model_validate(expansion(self.study, outputs))
+        if self.expanded != expected:
+            raise ValueError(
+                "the `expanded` section does not match study.fms x study.replicates "
+                f"({self.study.replicates}): run `retfm expand` (it rewrites that section, "
+                "which the replicated stages of dvc.yaml iterate over)"
+            )
         return self
 
     def recipe_digest(self, recipe: str) -> str:

@@ -393,23 +393,37 @@ class BufferedMetricLogger:
 
 
 def study_parent_run(settings: Settings, experiment: str = "adapt") -> str:
-    """The one parent run that groups every adaptation of this study version.
+    """The one parent run that groups every adaptation of this study version, keyed by the
+    study name plus a hash of params and raw data. The replicate count is not part of the key:
+    a replicate added later joins the runs of the ones it adds to."""
+    data = settings.model_dump(mode="json", exclude={"expanded": True,
+                                                    "study": {"replicates"}})  # fmt: skip
+    blob = json.dumps(data, sort_keys=True)
+    key = f"{hash_text(blob)}-{dvc_hash(Path('data.dvc'))[:12]}"
+    return parent_run(settings, experiment, "study-parent", key, f"study-{settings.study.name}")
 
-    Keyed by the study name plus a hash of params and raw data, found or created under a file
-    lock so that parallel adaptation jobs share one parent.
-    """
+
+def parent_run(
+    settings: Settings,
+    experiment: str,
+    kind: str,
+    key: str,
+    name: str,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """The run of ``kind`` keyed by ``key`` that groups child runs (an FM's replicates, a
+    study's adaptations), found or created under a file lock so that parallel jobs share one."""
     from filelock import FileLock
 
     client = configure(settings)
     exp = experiment_id(settings, experiment)
-    key = f"{settings.digest()}-{dvc_hash(Path('data.dvc'))[:12]}"
-    lock_name = f"retfm-parent-{hash_text(tracking_uri(settings) + key)}.lock"
+    lock_name = f"retfm-parent-{hash_text(tracking_uri(settings) + kind + key)}.lock"
     with FileLock(str(Path(tempfile.gettempdir()) / lock_name), timeout=120):
-        found = find_run(client, exp, {"study.key": key, "run.kind": "study-parent"})
+        found = find_run(client, exp, {"study.key": key, "run.kind": kind})
         if found:
             return found
-        tags = {**base_tags(settings), "study.key": key, "run.kind": "study-parent"}
-        created = client.create_run(exp, run_name=f"study-{settings.study.name}", tags=tags)
+        all_tags = {**base_tags(settings), **(tags or {}), "study.key": key, "run.kind": kind}
+        created = client.create_run(exp, run_name=name, tags=all_tags)
         return created.info.run_id
 
 

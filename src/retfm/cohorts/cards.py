@@ -55,8 +55,10 @@ def build_card(
     image_root: Path,
     image_sample: int = 200,
     seed: int = 0,
+    replicate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A JSON-serialisable data card for one site's cohort (see module docstring)."""
+    """A JSON-serialisable data card for one site's cohort (see module docstring);
+    ``replicate``: which of the site's replicate cohorts this is (name, index, seed)."""
     age_edges = [float(e) for e in report.get("age_edges", [])]
     card: dict[str, Any] = {
         "card_version": CARD_VERSION,
@@ -76,6 +78,8 @@ def build_card(
         "data": {"dvc_hash": data_hash},
         "sampling": {"settings": dict(settings_snapshot), "report": dict(report)},
     }
+    if replicate is not None:
+        card["replicate"] = dict(replicate)
     return _jsonable(card)
 
 

@@ -14,7 +14,7 @@ sets the ``eval.*`` tags record (:mod:`retfm.registry.evaluation`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 from typing import Literal
 
@@ -22,8 +22,11 @@ import numpy as np
 import pandas as pd
 
 from retfm.evaluation.statistics import (
+    ReplicateFit,
     adjust_pvalues,
     detectable_difference,
+    pooled_replicate_test,
+    replicate_fit,
     seed_ttest,
     seeded_paired_test,
 )
@@ -35,14 +38,20 @@ DECIDING_TEST = (
     "paired test on the same test images: difference of seed-mean AUROCs, variance = "
     "patient-clustered DeLong (test set) + seed variance, Satterthwaite t"
 )
-#: What the deciding test does not cover: it compares the FMs as trained. Each site's FM is one
-#: pre-training run on one drawn cohort; another draw moves the difference by about as much as
-#: the test's own error (benchmarks/bench_recovery.py --draws), and no single study can see it.
+DATA_LEVEL_TEST = (
+    "data-level test over pre-training runs: difference of the mean over each site's "
+    "replicates of their seed-mean AUROCs, variance = spread between replicates (cohort draw, "
+    "pre-training, seeds) / K per site + the test-set error the replicates share "
+    "(patient-clustered), Satterthwaite t"
+)
+#: What the per-run test does not cover: it compares two pre-training runs as trained. Each is
+#: one run on one drawn cohort; another draw moves the difference by about as much as the
+#: test's own error (benchmarks/bench_recovery.py --draws). The data-level test covers it.
 COMPARISON_SCOPE = (
-    "it compares these FMs as trained: each site's FM is one pre-training run on one drawn "
-    "cohort, and the spread between such draws (another cohort, another pre-training) is not "
-    "in the test, so a difference says which of these FMs is better, and says that a site's "
-    "data is better only when it holds over several pre-training runs per site"
+    "a per-run comparison compares two pre-training runs as trained (one drawn cohort each); "
+    "the spread between such draws is not in it, so it says which run is better. Whether a "
+    "site's data is better is the data-level verdict, which pools each site's replicated "
+    "pre-training runs and has the spread between draws in its variance"
 )
 
 
@@ -102,11 +111,13 @@ def compare_fms(
     ci: float = 0.95,
     power: float = 0.8,
     same_recipe: Mapping[str, str] | None = None,
+    pairs: Callable[[str, str], bool] | None = None,
 ) -> pd.DataFrame:
     """Every pair of FMs on every task, decided by the paired seeded test.
 
     ``preds`` maps (fm, task) to per-seed predictions (``seed`` column). ``same_recipe`` (FM ->
-    recipe) restricts pairs to FMs of one recipe. Columns: task, fm_a, fm_b, auroc_a, auroc_b,
+    recipe) restricts pairs to FMs of one recipe; ``pairs`` (two names -> bool) further to
+    the pairs it accepts. Columns: task, fm_a, fm_b, auroc_a, auroc_b,
     diff (a - b), lo, hi, se, df, p, p_adj, verdict, detectable (the AUROC difference this
     comparison finds with probability ``power`` at the family's strictest level), the variance
     parts, sizes, and p_seed_ttest (extra; decides nothing).
@@ -118,11 +129,17 @@ def compare_fms(
         for fm_a, fm_b in combinations(fms, 2):
             if same_recipe and same_recipe.get(fm_a) != same_recipe.get(fm_b):
                 continue
+            if pairs is not None and not pairs(fm_a, fm_b):
+                continue
             rows.append(_pair_row(task, fm_a, fm_b, preds[(fm_a, task)], preds[(fm_b, task)], ci))
-    table = pd.DataFrame(rows)
+    return _decide(pd.DataFrame(rows), alpha, correction, power)
+
+
+def _decide(table: pd.DataFrame, alpha: float, correction: str, power: float) -> pd.DataFrame:
+    """Adjusted p over the table (one family), verdicts and the detectable difference."""
     if table.empty:
         return table
-    table["p_adj"] = adjust_pvalues(table["p"].to_numpy(), correction)
+    table["p_adj"] = adjust_pvalues(table["p"].to_numpy(), correction)  # type: ignore[arg-type]
     family = int(np.isfinite(table["p"]).sum())
     table["verdict"] = [_verdict(r, alpha) for r in table.itertuples()]
     table["detectable"] = [
@@ -130,6 +147,68 @@ def compare_fms(
         for se, df in zip(table["se"], table["df"], strict=True)
     ]
     return table
+
+
+def replicate_fits(
+    preds: Mapping[Key, pd.DataFrame], task: str, runs: Sequence[str]
+) -> tuple[pd.DataFrame, dict[str, ReplicateFit]]:
+    """The test images of ``task`` and each run's :class:`ReplicateFit` on them (patients
+    coded once, so that the runs' influences line up)."""
+    images = None
+    fits: dict[str, ReplicateFit] = {}
+    codes = np.zeros(0, int)
+    n_patients = 0
+    for run in runs:
+        mine, probs = seed_arrays(preds[(run, task)], f"run {run}, task {task}")
+        if images is None:
+            images = mine
+            codes, uniques = pd.factorize(mine["patient_id"].astype(str))
+            n_patients = len(uniques)
+        elif not mine["image_id"].equals(images["image_id"]):
+            raise ValueError(f"task {task}: run {run} was tested on other images than {runs[0]}")
+        fits[run] = replicate_fit(mine["y_true"].to_numpy(int), probs, codes, n_patients)
+    assert images is not None
+    return images, fits
+
+
+def compare_sites(
+    preds: Mapping[Key, pd.DataFrame],
+    replicate_of: Mapping[str, str],
+    *,
+    alpha: float = 0.05,
+    correction: Literal["holm", "bh"] = "holm",
+    ci: float = 0.95,
+    power: float = 0.8,
+    same_recipe: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """The data-level comparisons: every pair of FMs (FM = site x recipe) on every task, each
+    FM's pre-training runs pooled (:func:`~retfm.evaluation.statistics.pooled_replicate_test`),
+    p adjusted over this family.
+
+    ``preds`` maps (run, task) to per-seed predictions; ``replicate_of`` run -> FM;
+    ``same_recipe`` FM -> recipe. Columns as :func:`compare_fms` (fm_a / fm_b are FMs) plus the
+    replicate parts: var_replicates, var_test, sd_replicates_a/b, n_replicates_a/b and the
+    replicates' AUROCs.
+    """
+    tasks = list(dict.fromkeys(task for _, task in preds))
+    rows = []
+    for task in tasks:
+        runs = sorted(r for r, t in preds if t == task)
+        by_fm: dict[str, list[str]] = {}
+        for run in runs:
+            by_fm.setdefault(replicate_of.get(run, run), []).append(run)
+        images, fits = replicate_fits(preds, task, runs)
+        for fm_a, fm_b in combinations(sorted(by_fm), 2):
+            if same_recipe and same_recipe.get(fm_a) != same_recipe.get(fm_b):
+                continue
+            res = pooled_replicate_test(
+                [fits[r] for r in by_fm[fm_a]],
+                [fits[r] for r in by_fm[fm_b]],
+                n_images=len(images),
+                ci=ci,
+            )
+            rows.append({"task": task, "fm_a": fm_a, "fm_b": fm_b, **res.as_dict()})
+    return _decide(pd.DataFrame(rows), alpha, correction, power)
 
 
 def _verdict(row, alpha: float) -> str:  # noqa: ANN001 - a DataFrame row tuple

@@ -11,17 +11,23 @@ error rate proves nothing, so every source of variation the real pipeline has is
 * **FMs that differ per image** while equally good on average: an FM-specific error per image
   that every adaptation seed of that FM repeats (this is what a t-test over seeds cannot see);
 * **training seeds**: a per-seed shift of the class signal and per-seed noise per image;
+* **pre-training draws**: each site's FM pre-trained K times (a replicate: its own cohort draw
+  and pre-training randomness) moves its population AUROC per task by the draw (``draw``, a
+  shift of the class signal per replicate and task), and shares only part of its per-image
+  error with the FM's other replicates (``fm_shared``);
 * **tasks that differ** in difficulty, class count, disease prevalence and age / sex / ethnicity
   mix, with prevalence rising with age, so that pooling tasks confounds factors.
 
 Model, for image i of patient p in task t, FM f, seed s and class k (K classes)::
 
-    logit_k = signal_{f,s,i} [k == y_i] + a_{p,k} + b_{i,k} + c_{f,i,k} + d_{f,s,i,k}
-    signal  = separation_t x visibility_i + bonus_{f,t} + eta_{f,s}
+    logit_k = signal_{r,s,i} [k == y_i] + a_{p,k} + b_{i,k} + c_{r,i,k} + d_{r,s,i,k}
+    signal  = separation_t x visibility_i + bonus_{f,t} + draw_{r,t} + eta_{r,s}
+    c_{r,i,k} = sqrt(fm_shared) c'_{f,i,k} + sqrt(1 - fm_shared) c''_{r,i,k}   (r: a run of FM f)
     visibility_i = 1 - age x clip((age_i - 30) / 50, 0, 1) - sex x [F] - ethnicity x pigment_i
 
-with a, b, c, d, eta independent normals (``Noise``), probabilities = softmax(logit). Under the
-null the FMs share every distribution; a planted *alignment* effect gives the aligned FM a
+with a, b, c', c'', d, draw, eta independent normals (``Noise``; ``draw`` per task,
+:attr:`TaskDesign.draw`), probabilities = softmax(logit). Under the null the FMs share every
+distribution (so the sites' data are equally good, though one draw may favour either); a planted *alignment* effect gives the aligned FM a
 ``bonus`` (set to reach a chosen population AUROC difference, :func:`bonus_for_difference`);
 planted *factor* effects lower the visibility of disease in a group, inside every task.
 """
@@ -71,6 +77,8 @@ class TaskDesign:
     #: study's design: each simulated test set resamples its patients with replacement
     #: (the population settings above are then unused).
     patients: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    #: sd of the class-signal shift between pre-training draws (logit units; None: Noise.draw)
+    draw: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class Noise:
     seed_image: float = 0.15  # one seed's own error on an image
     seed_shift: float = 0.03  # one seed's shift of the class signal (with seed_image: AUROC
     # sd over seeds 0.003-0.01, as the demo's linear probes have)
+    draw: float = 0.0  # one pre-training run's shift of the class signal, per task
+    fm_shared: float = 0.5  # share of the FM's per-image error variance all its runs repeat
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,21 @@ class StudyDesign:
     noise: Noise = Noise()
     effects: Effects = Effects()
     recipes: Mapping[str, str] | None = None  # FM -> recipe; FMs are compared within one
+    replicates: int = 1  # pre-training runs per FM
+
+    def run_names(self, fm: str) -> list[str]:
+        """The FM's runs: the FM's own name with one run, else ``<fm>-r<k>``."""
+        return [fm] if self.replicates == 1 else [f"{fm}-r{k}" for k in range(self.replicates)]
+
+    def replicate_of(self) -> dict[str, str]:
+        return {run: fm for fm in self.fms for run in self.run_names(fm)}
+
+    def with_replicates(self, replicates: int) -> StudyDesign:
+        return replace(self, replicates=replicates)
+
+    def with_draw(self, draw: float) -> StudyDesign:
+        """Every task's draw sd set to ``draw`` (logit units)."""
+        return replace(self, tasks=tuple(replace(t, draw=draw) for t in self.tasks))
 
     def with_effects(self, **changes: object) -> StudyDesign:
         return replace(self, effects=replace(self.effects, **changes))  # type: ignore[arg-type]
@@ -247,7 +272,7 @@ def _task_predictions(
     design: StudyDesign,
     rng: np.random.Generator,
 ) -> dict[str, pd.DataFrame]:
-    """Per-seed predictions of every FM on one freshly drawn test set."""
+    """Per-seed predictions of every run of every FM on one freshly drawn test set."""
     frame = _draw_test_set(task, rng)
     n, k, noise = len(frame), task.n_classes, design.noise
     if k < 2 or frame["y_true"].max() >= k:
@@ -262,26 +287,36 @@ def _task_predictions(
         image_id=[f"{task.name}-{i:06d}" for i in range(n)],
         patient_id=[f"{task.name}-P{p:06d}" for p in frame["patient"]],
     ).drop(columns="patient")
+    draw = noise.draw if task.draw is None else task.draw
     out = {}
     for fm in design.fms:
-        own = shared + noise.fm * rng.standard_normal((n, k))
         bonus = design.effects.alignment.get(task.name, 0.0) if design.fms[fm] == task.site else 0
-        seeds = []
-        for s in range(design.seeds):
-            shift = bonus + noise.seed_shift * rng.standard_normal()
-            logits = own + noise.seed_image * rng.standard_normal((n, k))
-            logits += onehot * (signal + shift)[:, None]
-            probs = _softmax(logits)
-            seeds.append(meta.assign(seed=s, **{f"prob_{c}": probs[:, c] for c in range(k)}))
-        out[fm] = pd.concat(seeds, ignore_index=True)
+        runs = design.run_names(fm)
+        if len(runs) == 1:
+            common, own_sd = 0.0, noise.fm
+        else:
+            common = np.sqrt(noise.fm_shared) * noise.fm * rng.standard_normal((n, k))
+            own_sd = np.sqrt(1.0 - noise.fm_shared) * noise.fm
+        for run in runs:
+            own = shared + common + own_sd * rng.standard_normal((n, k))
+            run_shift = bonus + (draw * rng.standard_normal() if draw > 0 else 0.0)
+            seeds = []
+            for s in range(design.seeds):
+                shift = run_shift + noise.seed_shift * rng.standard_normal()
+                logits = own + noise.seed_image * rng.standard_normal((n, k))
+                logits += onehot * (signal + shift)[:, None]
+                probs = _softmax(logits)
+                seeds.append(meta.assign(seed=s, **{f"prob_{c}": probs[:, c] for c in range(k)}))
+            out[run] = pd.concat(seeds, ignore_index=True)
     return out
 
 
 def simulate_study(
     design: StudyDesign, seed: int | np.random.Generator
 ) -> dict[tuple[str, str], pd.DataFrame]:
-    """One simulated study: ``(fm, task) -> per-seed predictions`` in the adapt stage's format
-    (``image_id, patient_id, y_true, age, sex, ethnicity, seed, prob_0..prob_{K-1}``)."""
+    """One simulated study: ``(run, task) -> per-seed predictions`` in the adapt stage's format
+    (``image_id, patient_id, y_true, age, sex, ethnicity, seed, prob_0..prob_{K-1}``); runs
+    are named by :meth:`StudyDesign.run_names`."""
     rng = np.random.default_rng(seed)
     preds: dict[tuple[str, str], pd.DataFrame] = {}
     for task in design.tasks:
@@ -302,10 +337,12 @@ def population_auroc(
         design,
         fms={"x": task.site},
         seeds=1,
+        replicates=1,
         effects=replace(design.effects, alignment={task.name: bonus}),
         noise=replace(design.noise, seed_shift=0.0),
     )
-    preds = _task_predictions(replace(task, n_test=n), one, np.random.default_rng(7))["x"]
+    probe = replace(task, n_test=n, draw=0.0)
+    preds = _task_predictions(probe, one, np.random.default_rng(7))["x"]
     probs = preds[[f"prob_{c}" for c in range(task.n_classes)]].to_numpy()
     return auroc_influence(preds["y_true"].to_numpy(), probs)[0]
 
@@ -318,8 +355,9 @@ def bonus_for_difference(task: TaskDesign, design: StudyDesign, target: float) -
     the other FMs' (bisection on :func:`population_auroc`)."""
     if target <= 0:
         return 0.0
-    null = replace(design, effects=replace(design.effects, alignment={}))
-    key = repr((replace(task, n_test=0), null, round(target, 6)))
+    null = replace(design, effects=replace(design.effects, alignment={}), replicates=1,
+                   noise=replace(design.noise, draw=0.0))  # fmt: skip
+    key = repr((replace(task, n_test=0, draw=0.0), replace(null, replicates=1), round(target, 6)))
     if key not in _BONUS_CACHE:
         base = population_auroc(task, null)
         lo, hi = 0.0, 4.0
@@ -342,6 +380,45 @@ def _matched_separation(task: TaskDesign, design: StudyDesign, target_auroc: flo
     return (lo + hi) / 2
 
 
+def draw_auroc_sd(
+    preds: Mapping[tuple[str, str], pd.DataFrame],
+    replicate_of: Mapping[str, str],
+    task: str,
+) -> float | None:
+    """The sd of a pre-training run's population AUROC between draws on ``task``, from an FM's
+    replicates (pooled over the FMs with two or more): the replicates' AUROC variance less
+    what the test set and the seeds put into it (each run's own test-set error, not shared with
+    the FM's other runs, and the seed-mean's variance). None without two runs of one FM."""
+    from retfm.evaluation.comparison import replicate_fits
+
+    by_fm: dict[str, list[str]] = {}
+    for run, t in preds:
+        if t == task:
+            by_fm.setdefault(replicate_of.get(run, run), []).append(run)
+    by_fm = {fm: sorted(runs) for fm, runs in by_fm.items() if len(runs) >= 2}
+    if not by_fm:
+        return None
+    _, fits = replicate_fits(preds, task, sorted(r for runs in by_fm.values() for r in runs))
+    estimates = []
+    for runs in by_fm.values():
+        mine = [fits[r] for r in runs]
+        aucs = np.array([f.auroc for f in mine])
+        if not np.isfinite(aucs).all():
+            continue
+        w = np.stack([f.patient_influence for f in mine])
+        n = w.shape[1]
+        own = n / (n - 1) * float(np.mean((w**2).sum(axis=1)))  # Var(e_i)
+        k = len(w)
+        total = w.sum(axis=0)
+        shared = n / (n - 1) * float(np.sum(total**2 - (w**2).sum(axis=0))) / (k * (k - 1))
+        seeds = float(np.mean([np.var(f.seed_aurocs, ddof=1) / len(f.seed_aurocs)
+                               for f in mine if len(f.seed_aurocs) > 1] or [0.0]))  # fmt: skip
+        estimates.append(float(aucs.var(ddof=1)) - (own - shared) - seeds)
+    if not estimates:
+        return None
+    return float(np.sqrt(max(float(np.mean(estimates)), 0.0)))
+
+
 def design_from_predictions(
     preds: Mapping[tuple[str, str], pd.DataFrame],
     fm_sites: Mapping[str, str],
@@ -349,13 +426,25 @@ def design_from_predictions(
     noise: Noise = Noise(),
     *,
     fm_recipes: Mapping[str, str] | None = None,
+    replicate_of: Mapping[str, str] | None = None,
+    draw_auroc: float | None = None,
 ) -> StudyDesign:
     """A null design shaped like a real study: its tasks, test-set sizes, class counts, patients
-    (resampled with their images, ages, sexes and ethnicities) and seeds, with each task's
-    difficulty matched to the FMs' mean AUROC on it."""
+    (resampled with their images, ages, sexes and ethnicities), seeds and replicates per FM,
+    with each task's difficulty matched to the FMs' mean AUROC on it, and each task's draw
+    variance the one its replicates show (:func:`draw_auroc_sd`; ``draw_auroc`` instead, an
+    AUROC sd, when given or when no FM has two runs).
+
+    ``preds`` is keyed by (run, task); ``replicate_of`` maps run -> FM (None: runs are FMs)."""
+    replicate_of = dict(replicate_of or {run: run for run, _ in preds})
+    runs_per_fm: dict[str, set[str]] = {}
+    for run, _ in preds:
+        runs_per_fm.setdefault(replicate_of.get(run, run), set()).add(run)
+    replicates = min((len(v) for fm, v in runs_per_fm.items() if fm in fm_sites), default=1)
     tasks, seeds = [], 0
     for task, site in task_sites.items():
-        frames = [f for (fm, t), f in preds.items() if t == task and fm in fm_sites]
+        frames = [f for (run, t), f in preds.items()
+                  if t == task and replicate_of.get(run, run) in fm_sites]  # fmt: skip
         if not frames:
             continue
         first = frames[0]
@@ -381,6 +470,11 @@ def design_from_predictions(
         base = TaskDesign(task, site, n_test=len(table), n_classes=len(columns), patients=table)
         target = float(np.clip(np.nanmean(aurocs), 0.55, 0.99))
         design = StudyDesign(dict(fm_sites), (base,), 1, noise)
-        tasks.append(replace(base, separation=_matched_separation(base, design, target)))
+        matched = replace(base, separation=_matched_separation(base, design, target))
+        sd = draw_auroc if draw_auroc is not None else draw_auroc_sd(preds, replicate_of, task)
+        draw = bonus_for_difference(matched, design, sd) if sd else 0.0
+        tasks.append(replace(matched, draw=draw))
     recipes = dict(fm_recipes) if fm_recipes else None
-    return StudyDesign(dict(fm_sites), tuple(tasks), max(seeds, 1), noise, recipes=recipes)
+    return StudyDesign(
+        dict(fm_sites), tuple(tasks), max(seeds, 1), noise, recipes=recipes, replicates=replicates
+    )

@@ -377,3 +377,191 @@ def detectable_difference(se: float, df: float, alpha: float, power: float = 0.8
     if not (np.isfinite(se) and np.isfinite(df)) or se <= 0:
         return float("nan")
     return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * se)
+
+
+# --------------------------------------------------------------------------- data-level test
+
+
+@dataclass(frozen=True)
+class ReplicateFit:
+    """One pre-training run's (replicate's) adaptation seeds on one test set: its seed-mean
+    AUROC, the per-seed AUROCs and its per-patient summed influence (patients in a fixed order)."""
+
+    auroc: float
+    seed_aurocs: tuple[float, ...]
+    patient_influence: np.ndarray
+
+
+def replicate_fit(
+    y_true: np.ndarray, probs: Sequence[np.ndarray], codes: np.ndarray, n_patients: int
+) -> ReplicateFit:
+    """:class:`ReplicateFit` of one replicate: ``probs`` one (n, K) array per seed, ``codes``
+    the patient index (0..n_patients-1) of each image."""
+    fits = [auroc_influence(y_true, p) for p in probs]
+    aucs = tuple(float(a) for a, _ in fits)
+    phi = np.mean([f for _, f in fits], axis=0)
+    sums = np.bincount(codes, weights=phi, minlength=n_patients)
+    return ReplicateFit(float(np.mean(aucs)), aucs, sums)
+
+
+@dataclass(frozen=True)
+class PooledResult:
+    """One data-level comparison (site a's FMs vs site b's, one recipe, one task) by
+    :func:`pooled_replicate_test` (a - b)."""
+
+    auroc_a: float  # mean over replicates of the seed-mean AUROC
+    auroc_b: float
+    diff: float
+    se: float
+    lo: float
+    hi: float
+    df: float
+    p: float
+    var_replicates: float  # s_a^2 / K_a + s_b^2 / K_b: between pre-training runs
+    var_test: float  # the test-set error common to a site's replicates
+    sd_replicates_a: float  # sd of the replicates' AUROCs (draw + pre-training + the rest)
+    sd_replicates_b: float
+    n_replicates_a: int
+    n_replicates_b: int
+    n_images: int
+    n_patients: int
+    undetermined: str
+    replicate_aurocs_a: tuple[float, ...] = ()
+    replicate_aurocs_b: tuple[float, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ONE_RUN = "one pre-training run per site"
+
+
+def _common_covariance(w: np.ndarray, n: int) -> float:
+    """Mean over distinct replicate pairs (i != j) of the patient-clustered covariance of their
+    AUROC errors, from per-patient influences w (K, P)."""
+    k = len(w)
+    total = w.sum(axis=0)
+    return float(n / (n - 1) * np.sum(total**2 - (w**2).sum(axis=0)) / (k * (k - 1)))
+
+
+def pooled_replicate_test(
+    fits_a: Sequence[ReplicateFit],
+    fits_b: Sequence[ReplicateFit],
+    *,
+    n_images: int = 0,
+    ci: float = 0.95,
+) -> PooledResult:
+    """Is site a's pre-training data better than site b's for this task? Each site's FM was
+    pre-trained K times (its own cohort draw and pre-training randomness each time), every
+    replicate adapted with several seeds and scored on the same test images.
+
+    diff = mean_i a_i - mean_j b_j, a_i the seed-mean AUROC of replicate i. With
+    a_i = mu_a + delta_i + e_i (delta: the draw, iid; e: test-set error, correlated between all
+    replicates because they share the test images),
+
+        Var(diff) = s_a^2 / K_a + s_b^2 / K_b + (c_aa + c_bb - 2 c_ab),
+
+    exactly: the replicates' sample variance s^2 estimates Var(delta + e) - c, and the c terms
+    (the test-set covariance of two distinct replicates: c_aa within site a, c_ab across) add
+    back the error they share, estimated from per-patient influences (patient-clustered, no
+    replicate paired with itself, so nothing is counted twice); their sum is truncated at 0. The
+    seeds' spread is inside s^2. t reference with Satterthwaite df: K - 1 per replicate part,
+    patients - 1 for the test part. With fewer than two replicates per site the between-draw
+    variance cannot be estimated: undetermined (``ONE_RUN``), never "no evidence".
+    """
+    ka, kb = len(fits_a), len(fits_b)
+    nan = float("nan")
+    a = np.array([f.auroc for f in fits_a])
+    b = np.array([f.auroc for f in fits_b])
+    n_pat = len(fits_a[0].patient_influence) if ka else 0
+    base: dict[str, Any] = {
+        "n_replicates_a": ka, "n_replicates_b": kb, "n_images": n_images, "n_patients": n_pat,
+        "replicate_aurocs_a": tuple(a.tolist()), "replicate_aurocs_b": tuple(b.tolist()),
+        "auroc_a": float(a.mean()) if ka else nan, "auroc_b": float(b.mean()) if kb else nan,
+    }  # fmt: skip
+    base["diff"] = base["auroc_a"] - base["auroc_b"]
+    empty = {k: nan for k in ("se", "lo", "hi", "df", "p", "var_replicates", "var_test")}
+    empty |= {"sd_replicates_a": nan, "sd_replicates_b": nan}
+
+    def undetermined_(reason: str) -> PooledResult:
+        return PooledResult(**{**empty, **base, "undetermined": reason})
+
+    if ka < 2 or kb < 2:
+        return undetermined_(ONE_RUN if max(ka, kb) < 2 else "fewer than two pre-training runs "
+                             "of a site's FM: the between-draw variance cannot be estimated")  # fmt: skip
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return undetermined_("AUROC undefined: the test set has a single class")
+    if n_pat < 2:
+        return undetermined_("fewer than two patients in the test set")
+    wa = np.stack([f.patient_influence for f in fits_a])
+    wb = np.stack([f.patient_influence for f in fits_b])
+    c_aa, c_bb = _common_covariance(wa, n_pat), _common_covariance(wb, n_pat)
+    c_ab = float(n_pat / (n_pat - 1) * np.sum(wa.mean(axis=0) * wb.mean(axis=0)))
+    var_test = max(c_aa + c_bb - 2 * c_ab, 0.0)
+    sa2, sb2 = float(a.var(ddof=1)), float(b.var(ddof=1))
+    parts = [(sa2 / ka, ka - 1), (sb2 / kb, kb - 1), (var_test, n_pat - 1)]
+    var = sum(v for v, _ in parts)
+    if var <= 1e-14:
+        return undetermined_("zero variance: identical predictions on every image and run")
+    df = var**2 / sum(v**2 / d for v, d in parts if v > 0)
+    se = float(np.sqrt(var))
+    half = float(stats.t.ppf(0.5 + ci / 2, df)) * se
+    return PooledResult(
+        **base,
+        se=se,
+        lo=base["diff"] - half,
+        hi=base["diff"] + half,
+        df=float(df),
+        p=float(2 * stats.t.sf(abs(base["diff"]) / se, df)),
+        var_replicates=parts[0][0] + parts[1][0],
+        var_test=var_test,
+        sd_replicates_a=float(np.sqrt(sa2)),
+        sd_replicates_b=float(np.sqrt(sb2)),
+        undetermined="",
+    )
+
+
+def replicates_power(
+    sd_a: float,
+    sd_b: float,
+    var_test: float,
+    n_patients: int,
+    alpha: float,
+    power: float = 0.8,
+    replicates: Sequence[int] = (1, 2, 3, 5),
+) -> dict[int, float]:
+    """The AUROC advantage :func:`pooled_replicate_test` finds with probability ``power`` at
+    level ``alpha`` with K replicates per site, given the replicates' AUROC sd per site and the
+    common test-set variance measured in a study (NaN for K = 1: undetermined by design)."""
+    out = {}
+    for k in replicates:
+        if k < 2:
+            out[k] = float("nan")
+            continue
+        parts = [(sd_a**2 / k, k - 1), (sd_b**2 / k, k - 1), (var_test, max(n_patients - 1, 1))]
+        var = sum(v for v, _ in parts)
+        if not np.isfinite(var) or var <= 0:
+            out[k] = float("nan")
+            continue
+        df = var**2 / sum(v**2 / d for v, d in parts if v > 0)
+        out[k] = detectable_difference(float(np.sqrt(var)), df, alpha, power)
+    return out
+
+
+def replicates_needed(
+    advantage: float,
+    sd_a: float,
+    sd_b: float,
+    var_test: float,
+    n_patients: int,
+    alpha: float,
+    power: float = 0.8,
+    most: int = 100,
+) -> int | None:
+    """The fewest replicates per site at which ``advantage`` is found with ``power`` (None:
+    not within ``most``, e.g. when the common test-set error alone is too large)."""
+    for k in range(2, most + 1):
+        d = replicates_power(sd_a, sd_b, var_test, n_patients, alpha, power, (k,))[k]
+        if np.isfinite(d) and d <= advantage:
+            return k
+    return None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retfm.fms import FM
+    from retfm.fms import Replicate
 
 #: Tags a version needs before it may be promoted (promotion gate "lineage complete").
 REQUIRED_TAGS = (
@@ -66,15 +66,18 @@ def missing_lineage(tags: dict[str, str]) -> list[str]:
     return [k for k in REQUIRED_TAGS if tags.get(k, "") in placeholders]
 
 
-def fm_lineage_tags(fm: FM, run: dict, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
-    """What an FM's registry version (and its classifiers') say about where it came from:
-    the FM's identity, its recipe, and the cohort it saw (``released:<file>`` when imported)."""
+def fm_lineage_tags(
+    fm: Replicate, run: dict, lock_file: Path = Path("dvc.lock")
+) -> dict[str, str]:
+    """What an FM replicate's registry version (and its classifiers') say about where it came
+    from: the FM's identity, which replicate, its recipe, and the cohort it saw
+    (``released:<file>`` when imported)."""
     from retfm import tracking
 
     cohort = (
         f"released:{fm.source.name}"
         if fm.imported
-        else tracking.lock_hash(f"cohort@{fm.site}", f"outputs/cohorts/{fm.site}", lock_file)
+        else tracking.lock_hash(f"cohort@{fm.cohort}", f"outputs/cohorts/{fm.cohort}", lock_file)
     )
     return {
         **fm.tags(),
@@ -94,7 +97,7 @@ _FEATURES = {
 def model_card(
     *,
     name: str,
-    fm: FM,
+    fm: Replicate,
     tags: dict[str, str],
     preprocessing: dict,
     arch: dict,
@@ -106,7 +109,8 @@ def model_card(
     how = (
         f"imported from the released checkpoint `{fm.source.name}` ({fm.recipe})"
         if fm.imported
-        else f"pre-trained here with {fm.recipe.upper()} on the **{fm.site}** cohort"
+        else f"pre-trained here with {fm.recipe.upper()} on the **{fm.site}** cohort "
+        f"`{fm.cohort}` (replicate {fm.index} of the FM `{fm.fm.name}`)"
     )
     if fm.imported:
         data_lines = [
@@ -183,7 +187,7 @@ class StaleRecordError(ValueError):
     """A stage output disagrees with the settings it claims to come from."""
 
 
-def check_cohort_card(card: dict, cohort_settings: dict, site: str) -> None:
+def check_cohort_card(card: dict, cohort_settings: dict, cohort: str) -> None:
     """Refuse a cohort whose data card was drawn with other settings than ``params.yaml``'s
     (e.g. restored from DVC's run cache for a key it cannot see), or holds another size than
     it was asked for."""
@@ -198,12 +202,12 @@ def check_cohort_card(card: dict, cohort_settings: dict, site: str) -> None:
             for k in differ
         )
         raise StaleRecordError(
-            f"cohort@{site} was sampled with other settings than params.yaml ({detail}); "
-            f"rerun it: dvc repro -f cohort@{site}"
+            f"cohort@{cohort} was sampled with other settings than params.yaml ({detail}); "
+            f"rerun it: dvc repro -f cohort@{cohort}"
         )
     report = sampling.get("report") or {}
     images = (card.get("size") or {}).get("images")
     if images != report.get("requested") and not report.get("shrunk"):
         raise StaleRecordError(
-            f"cohort@{site} holds {images} images but was asked for {report.get('requested')}"
+            f"cohort@{cohort} holds {images} images but was asked for {report.get('requested')}"
         )

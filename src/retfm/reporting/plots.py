@@ -102,8 +102,17 @@ def plot_subgroups(table: pd.DataFrame, out: Path, *, title: str) -> Path:
     return _save(fig, out)
 
 
-def plot_differences(comparisons: pd.DataFrame, out: Path, *, title: str) -> Path:
-    """Each FM pair's AUROC difference per task with its 95% interval, coloured by verdict.
+def plot_differences(
+    comparisons: pd.DataFrame,
+    out: Path,
+    *,
+    title: str,
+    xlabel: str = "AUROC difference (seed means), 95% interval",
+) -> Path:
+    """Each FM pair's AUROC difference per task with its 95% interval, coloured by verdict;
+    with the data-level table (``replicate_aurocs_a`` / ``_b`` columns), each pre-training run
+    pair's own difference (replicate k of a minus replicate k of b) as a small open marker
+    beside the pooled estimate.
 
     ``comparisons`` columns: task, fm_a, fm_b, diff, lo, hi, verdict.
     """
@@ -126,6 +135,11 @@ def plot_differences(comparisons: pd.DataFrame, out: Path, *, title: str) -> Pat
                 color=colour,
                 capsize=3,
             )
+        runs_a, runs_b = r.get("replicate_aurocs_a"), r.get("replicate_aurocs_b")
+        if runs_a is not None and runs_b is not None and len(runs_a) > 1:
+            pairs = np.asarray(runs_a[: len(runs_b)], float) - np.asarray(runs_b[: len(runs_a)])
+            ax.plot(pairs, np.full(len(pairs), i + 0.22), "o", mfc="none", color=colour,
+                    ms=4, alpha=0.8, label="one pre-training run pair" if i == 0 else None)  # fmt: skip
         ax.text(
             1.02,
             i,
@@ -138,7 +152,9 @@ def plot_differences(comparisons: pd.DataFrame, out: Path, *, title: str) -> Pat
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("AUROC difference (seed means), 95% interval")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=8, frameon=False)
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     return _save(fig, out)
 
