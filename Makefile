@@ -21,8 +21,10 @@ demo: $(STAMP)
 	retfm summary && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s (after install)"
 
-## (re)generate data/ from params.yaml's synthetic section when it is missing or stale
+## (re)generate data/ from params.yaml's synthetic section when it is missing or stale, and
+## params.yaml's generated `expanded` section when study.fms or study.replicates changed
 data: $(STAMP)
+	retfm expand
 	retfm synth --if-needed
 	dvc add --quiet data
 

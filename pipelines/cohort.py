@@ -3,8 +3,8 @@ write its data card.
 
 Equal size for every site, whole patients, seeded by the replicate (each replicate draws its own
 cohort from the site's pool, with the same size and strategy); no patient of a held-out task
-set of this site is ever sampled. The cohort suite (Great Expectations) re-checks that and the cohort's
-age/sex mix before anything is packed or trained.
+set of this site is ever sampled. The cohort suite (Great Expectations) re-checks that and
+the cohort's age/sex mix before anything is packed or trained.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Stage compare: whose pre-training data make the better FM on which task (each FM's
 replicated pre-training runs pooled), which run is better than which (per run, labelled),
-whether alignment matters, which metadata factors matter (one call: :func:`retfm.evaluation.analysis.analyse_study`), how often those
+whether alignment matters, which metadata factors matter (one call:
+:func:`retfm.evaluation.analysis.analyse_study`), how often those
 decisions would be wrong at this study's design (simulated null studies), the study report, one
 ``study`` MLflow run linking every run it compared, and the ``eval.*`` tags on each FM version
 that promotion gates read."""
@@ -22,7 +23,7 @@ from retfm.evaluation.alignment import alignment_matrix
 from retfm.evaluation.analysis import AnalysisConfig, analyse_study, read_adaptations
 from retfm.evaluation.calibration import calibrate_null
 from retfm.evaluation.runs import groupings
-from retfm.evaluation.simulation import design_from_predictions
+from retfm.evaluation.simulation import design_from_predictions, draw_auroc_sd
 from retfm.fms import fm_recipes, fm_sites, replicate_fms, study_fms, study_replicates
 from retfm.registry.evaluation import description, evaluation_tags, settings_digest
 from retfm.registry.models import logged_model_id, recorded_version
@@ -64,6 +65,9 @@ def main() -> None:
         calibration = calibrate_null(
             design, config, settings.compare.calibration_studies, seed=settings.study.seed
         )
+        calibration["draw_auroc_sd"] = {
+            task: draw_auroc_sd(preds, replicate_of, task) for task in settings.study.tasks
+        }
 
     factors = groupings(settings.evaluation)
     matrix = alignment_matrix(runs, sites)

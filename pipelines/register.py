@@ -1,6 +1,7 @@
 """Stage register@<fm>-r<k>: ONNX export, parity check against PyTorch, and an
-``fm-<fm>-r<k>`` registry version (one registered model per FM replicate) with its lineage (data and cohort hashes, commit, params, recipe), data card
-and model card. Alias ``candidate``; ``champion`` only through ``retfm promote``."""
+``fm-<fm>-r<k>`` registry version (one registered model per FM replicate) with its lineage
+(data and cohort hashes, commit, params, recipe), data card and model card.
+Alias ``candidate``; ``champion`` only through ``retfm promote``."""
 
 from __future__ import annotations
 

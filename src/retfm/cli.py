@@ -324,6 +324,12 @@ def calibrate(
     age_effects: Annotated[
         str, typer.Option(help="power grid: planted age effects")
     ] = "0.4,0.6,0.9",
+    replicates: Annotated[
+        int, typer.Option(help="pre-training runs per FM of the null design")
+    ] = 3,
+    draw_sd: Annotated[
+        float, typer.Option(help="between-draw sd of a run's population AUROC")
+    ] = 0.02,
     from_study: Annotated[
         bool, typer.Option("--from-study", help="null shaped like this study's own test sets")
     ] = False,
@@ -337,14 +343,17 @@ def calibrate(
     them. Exits 1 when a null rate's 95% interval reaches above alpha + 0.02.
     """
     from retfm.evaluation.analysis import AnalysisConfig
-    from retfm.evaluation.calibration import calibration_report
+    from retfm.evaluation.calibration import calibration_report, with_draw_auroc
     from retfm.evaluation.simulation import demo_like_design
     from retfm.reporting.calibration import format_calibration
 
     setup_logging()
     settings = load_settings(params)
     config = AnalysisConfig.from_settings(settings)
-    design = demo_like_design(test_images, seeds=len(settings.adapt.seeds))
+    design = with_draw_auroc(
+        demo_like_design(test_images, seeds=len(settings.adapt.seeds)).with_replicates(replicates),
+        draw_sd,
+    )
     if from_study:
         design = _study_design(settings)
     report = calibration_report(
@@ -369,16 +378,22 @@ def calibrate(
 def _study_design(settings):  # noqa: ANN001, ANN202
     from retfm.evaluation.analysis import read_adaptations
     from retfm.evaluation.simulation import design_from_predictions
-    from retfm.fms import fm_recipes, fm_sites, study_fms
+    from retfm.fms import fm_recipes, fm_sites, replicate_fms, study_fms, study_replicates
 
-    fms = study_fms(settings)
+    fms, reps = study_fms(settings), study_replicates(settings)
     try:
         preds, task_sites = read_adaptations(
-            settings.paths.outputs, [fm.name for fm in fms], settings.study.tasks
+            settings.paths.outputs, [r.name for r in reps], settings.study.tasks
         )
     except FileNotFoundError as err:
         _fail(str(err))
-    return design_from_predictions(preds, fm_sites(fms), task_sites, fm_recipes=fm_recipes(fms))
+    return design_from_predictions(
+        preds,
+        fm_sites(fms),
+        task_sites,
+        fm_recipes=fm_recipes(fms),
+        replicate_of=replicate_fms(reps),
+    )
 
 
 @app.command()

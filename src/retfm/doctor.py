@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retfm import tracking
-from retfm.fms import FM, study_fms
+from retfm.fms import Replicate, study_replicates
 from retfm.registry.lineage import check_cohort_card, weights_digest
 from retfm.settings import Settings
 
@@ -115,10 +115,11 @@ def check_outputs(root: Path) -> list[Finding]:
 
 
 def check_cohorts(settings: Settings, root: Path) -> list[Finding]:
-    """Each site's data card was sampled with params.yaml's cohort settings, from this data."""
+    """Each cohort's (site x replicate) data card was sampled with params.yaml's cohort
+    settings, from this data."""
     data_md5 = tracking.dvc_hash(root / "data.dvc")
     out = []
-    for site in settings.study.sites:
+    for site in settings.expanded.cohorts:  # one cohort per site and replicate
         card_path = root / settings.paths.outputs / "cohorts" / site / "card" / "card.json"
         if not card_path.is_file():
             out.append(Finding("data card", site, False, f"{card_path} missing -> dvc repro"))
@@ -149,7 +150,7 @@ def check_registry(settings: Settings, root: Path) -> list[Finding]:
     client = tracking.configure(settings)
     data_md5 = tracking.dvc_hash(root / "data.dvc")
     out = []
-    for fm in study_fms(settings):
+    for fm in study_replicates(settings):
         reg_path = root / settings.paths.outputs / "register" / fm.name / "registration.json"
         if not reg_path.is_file():
             out.append(Finding("registry", fm.model_name, False, "not registered -> dvc repro"))
@@ -180,7 +181,7 @@ def check_registry(settings: Settings, root: Path) -> list[Finding]:
         }
         if not fm.imported:  # as the register stage tags it
             expected["cohort.md5"] = tracking.lock_hash(
-                f"cohort@{fm.site}", f"outputs/cohorts/{fm.site}", root / "dvc.lock"
+                f"cohort@{fm.cohort}", f"outputs/cohorts/{fm.cohort}", root / "dvc.lock"
             )
         wrong = [f"{k}: registry {tags.get(k)!r}, outputs {v!r}" for k, v in expected.items()
                  if tags.get(k) != v]  # fmt: skip
@@ -190,7 +191,7 @@ def check_registry(settings: Settings, root: Path) -> list[Finding]:
     return out
 
 
-def _card_mismatch(root: Path, settings: Settings, fm: FM, mv: Any) -> list[str]:
+def _card_mismatch(root: Path, settings: Settings, fm: Replicate, mv: Any) -> list[str]:
     """The data card attached to the version is the FM's data card on disk (its cohort's, or
     the card of the checkpoint it was imported from)."""
     import mlflow

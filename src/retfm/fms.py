@@ -59,7 +59,8 @@ class FM:
     name: str
     site: str
     recipe: str
-    source: Path  # the site's packed cohorts (pre-trained here) or the checkpoint it is imported from
+    # the site's packed cohorts (pre-trained here) or the checkpoint it is imported from
+    source: Path
     imported: bool
     num_heads: int | None = None
 

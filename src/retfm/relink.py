@@ -29,7 +29,7 @@ import pandas as pd
 from mlflow.entities import Metric
 
 from retfm import tracking
-from retfm.fms import study_fms
+from retfm.fms import study_replicates
 from retfm.settings import Settings
 
 #: Stages that log to the tracking store, in pipeline order; pre-training is relinked from its
@@ -42,7 +42,7 @@ def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
     outputs. Returns the FMs recorded now (one whose keyed run is already here is left alone).
     """
     done = []
-    for fm in study_fms(settings):
+    for fm in study_replicates(settings):
         out = root / settings.paths.outputs / "pretrain" / fm.name
         record_path = out / "run.json"
         if not record_path.is_file():
@@ -67,7 +67,7 @@ def relink_pretraining(settings: Settings, root: Path = Path(".")) -> list[str]:
         }
         verb = "import" if fm.imported else "pretrain"
         with tracking.run(settings, "pretrain", name=f"{verb} {fm.label}", tags=tags, key=key):
-            mlflow.log_params({"steps": record.get("steps"), "seed": settings.study.seed})
+            mlflow.log_params({"steps": record.get("steps"), "seed": fm.seed})
             history = out / "history.csv"
             if history.is_file():
                 _log_history(history)

@@ -154,7 +154,12 @@ def recipes(tmp_path_factory, tiny_data: Path, clone: Callable, sh: Callable, re
     claim(request.config, tmp_path_factory, "recipes")
     repo = clone(tmp_path_factory.mktemp("two-recipes"), profile="tiny")
     apply_profile(repo / "params.yaml", repo / "profiles" / "two-recipes.yaml")
-    apply_overrides(repo / "params.yaml", {"study": {"tasks": ["hospital_dr", "screening_dr"]}})
+    # one pre-training run per FM: the study with no replicates, whose data-level verdicts
+    # must all read "undetermined (one pre-training run per site)"
+    apply_overrides(
+        repo / "params.yaml",
+        {"study": {"tasks": ["hospital_dr", "screening_dr"], "replicates": 1}},
+    )
     shutil.copytree(tiny_data, repo / "data")
     sh(["dvc", "add", "-q", "data"], repo)
     return Study(repo, sh(["dvc", "repro"], repo))

@@ -115,7 +115,7 @@ def fm_ensembles(
     by_fm: dict[Key, list[pd.DataFrame]] = {}
     index = replicate_indices(replicate_of, [run for run, _ in preds])
     for (run, task), frame in preds.items():
-        seed = frame["seed"] if "seed" in frame else 0
+        seed = frame.get("seed", 0)
         by_fm.setdefault((replicate_of.get(run, run), task), []).append(
             frame.assign(seed=index[run] * 1000 + seed)
         )

@@ -127,9 +127,7 @@ def summarise(result: StudyAnalysis, alpha: float, correction: str = "holm") -> 
         "factors": {},
         "gap_factors": {},
     }
-    aligned_fms = {
-        r.task: set(str(r.aligned_fms).split(",")) for r in run_align.itertuples()
-    }
+    aligned_fms = {r.task: set(str(r.aligned_fms).split(",")) for r in run_align.itertuples()}
     for r, p in zip(comp.itertuples(), seed_adj, strict=True):
         aligned = aligned_fms.get(r.task, set())
         if (r.fm_a in aligned) != (r.fm_b in aligned):
@@ -199,6 +197,7 @@ def _flagged(section: str, factor: str) -> Callable[[dict[str, Any]], list[bool]
 
 def null_rates(outcomes: Sequence[dict[str, Any]]) -> dict[str, Rate]:
     """False-positive rates from studies simulated under the null."""
+
     def decided_any(section: str, hit: Callable[[str], bool]):
         def pick(o: dict[str, Any]) -> list[bool]:
             verdicts = _decided(o[section].values())
@@ -304,9 +303,7 @@ def calibrate_null(
         },
         "rates": {key: rate.as_dict() for key, rate in rates.items()},
         "judged": judged(rates),
-        "within_target": all(
-            within_target(rates[k], config.alpha, k) for k in judged(rates)
-        ),
+        "within_target": all(within_target(rates[k], config.alpha, k) for k in judged(rates)),
     }
 
 
@@ -483,11 +480,14 @@ def calibration_report(
     differences: Sequence[float] = (0.02, 0.04, 0.06, 0.08),
     test_sizes: Sequence[int] = (120, 600, 2000),
     age_effects: Sequence[float] = (0.4, 0.6, 0.9),
+    draw_sds: Sequence[float] = (0.01, 0.02, 0.03),
+    replicates: Sequence[int] = (1, 2, 3, 5),
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Everything ``retfm calibrate`` prints: null rates at ``design`` and at every test-set
-    size, and the power grids. JSON-able."""
+    size, the single-draw test's rate when only draws differ (``draw_sds``), and the power
+    grids (by test size, by replicates per site, for an age effect). JSON-able."""
     report: dict[str, Any] = {
         "null": calibrate_null(design, config, null_studies, seed=seed, progress=progress)
     }
@@ -500,7 +500,17 @@ def calibration_report(
             sized, config, max(100, null_studies // 3), seed=seed + n_test, progress=progress
         )
     report["null_by_test_size"] = by_size
+    if draw_sds:
+        report["single_draw"] = single_draw_rates(
+            design, config, draw_sds, max(100, null_studies // 2), seed=seed + 5,
+            progress=progress,
+        ).to_dict(orient="records")  # fmt: skip
     if power_studies:
+        if replicates:
+            report["power_by_replicates"] = power_by_replicates(
+                design, config, differences, replicates, power_studies, seed=seed + 6,
+                progress=progress,
+            ).to_dict(orient="records")  # fmt: skip
         report["alignment_power"] = alignment_power(
             design, config, differences, test_sizes, power_studies, seed=seed + 1,
             progress=progress,

@@ -27,7 +27,8 @@ Model, for image i of patient p in task t, FM f, seed s and class k (K classes):
 
 with a, b, c', c'', d, draw, eta independent normals (``Noise``; ``draw`` per task,
 :attr:`TaskDesign.draw`), probabilities = softmax(logit). Under the null the FMs share every
-distribution (so the sites' data are equally good, though one draw may favour either); a planted *alignment* effect gives the aligned FM a
+distribution (so the sites' data are equally good, though one draw may favour either); a
+planted *alignment* effect gives the aligned FM a
 ``bonus`` (set to reach a chosen population AUROC difference, :func:`bonus_for_difference`);
 planted *factor* effects lower the visibility of disease in a group, inside every task.
 """
@@ -411,8 +412,9 @@ def draw_auroc_sd(
         k = len(w)
         total = w.sum(axis=0)
         shared = n / (n - 1) * float(np.sum(total**2 - (w**2).sum(axis=0))) / (k * (k - 1))
-        seeds = float(np.mean([np.var(f.seed_aurocs, ddof=1) / len(f.seed_aurocs)
-                               for f in mine if len(f.seed_aurocs) > 1] or [0.0]))  # fmt: skip
+        seed_parts = [float(np.var(f.seed_aurocs, ddof=1)) / len(f.seed_aurocs)
+                      for f in mine if len(f.seed_aurocs) > 1]  # fmt: skip
+        seeds = float(np.mean(seed_parts)) if seed_parts else 0.0
         estimates.append(float(aucs.var(ddof=1)) - (own - shared) - seeds)
     if not estimates:
         return None

@@ -487,8 +487,12 @@ def pooled_replicate_test(
         return PooledResult(**{**empty, **base, "undetermined": reason})
 
     if ka < 2 or kb < 2:
-        return undetermined_(ONE_RUN if max(ka, kb) < 2 else "fewer than two pre-training runs "
-                             "of a site's FM: the between-draw variance cannot be estimated")  # fmt: skip
+        return undetermined_(
+            ONE_RUN
+            if max(ka, kb) < 2
+            else "fewer than two pre-training runs of a site's FM: the between-draw variance "
+            "cannot be estimated"
+        )
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return undetermined_("AUROC undefined: the test set has a single class")
     if n_pat < 2:

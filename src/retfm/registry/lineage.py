@@ -66,9 +66,7 @@ def missing_lineage(tags: dict[str, str]) -> list[str]:
     return [k for k in REQUIRED_TAGS if tags.get(k, "") in placeholders]
 
 
-def fm_lineage_tags(
-    fm: Replicate, run: dict, lock_file: Path = Path("dvc.lock")
-) -> dict[str, str]:
+def fm_lineage_tags(fm: Replicate, run: dict, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     """What an FM replicate's registry version (and its classifiers') say about where it came
     from: the FM's identity, which replicate, its recipe, and the cohort it saw
     (``released:<file>`` when imported)."""

@@ -38,6 +38,36 @@ def format_calibration(report: dict[str, Any]) -> str:
             f"\n{where} ({res['n_studies']} studies): "
             + "; ".join(f"{k} {_rate(v)}" for k, v in head.items())
         )
+    if report.get("single_draw"):
+        rows = [
+            [
+                f"{r['draw_auroc_sd']:.3f}",
+                f"{r['task_rate']:.1%} [{r['task_lo']:.1%}, {r['task_hi']:.1%}]",
+                f"{r['study_rate']:.1%} [{r['study_lo']:.1%}, {r['study_hi']:.1%}]",
+            ]
+            for r in report["single_draw"]
+        ]
+        lines += [
+            "",
+            "One pre-training run per site (the per-run test), sites' data equally good, draws "
+            "varying: P(aligned FM called better)",
+            tabulate(
+                rows,
+                headers=["draw sd (AUROC)", "per task [95% CI]", "any task, per study"],
+                tablefmt="github",
+            ),
+        ]
+    if report.get("power_by_replicates"):
+        table = pd.DataFrame(report["power_by_replicates"]).pivot(
+            index="auroc_difference", columns="replicates", values="rate"
+        )
+        lines += [
+            "",
+            "Power at the data level: P(aligned FM called better) on a task, by population "
+            "AUROC advantage of the aligned site's data (rows) and pre-training runs per site "
+            "(columns), at the design's draw variance:",
+            tabulate(table.map(lambda v: f"{v:.0%}"), headers="keys", tablefmt="github"),
+        ]
     if "alignment_power" in report:
         table = pd.DataFrame(report["alignment_power"]).pivot(
             index="auroc_difference", columns="test_images", values="rate"
@@ -45,7 +75,7 @@ def format_calibration(report: dict[str, Any]) -> str:
         lines += [
             "",
             "Power: P(aligned FM called better) on a task, by population AUROC difference "
-            "(rows) and test images per task (columns):",
+            "(rows) and test images per task (columns), at the design's runs per site:",
             tabulate(table.map(lambda v: f"{v:.0%}"), headers="keys", tablefmt="github"),
         ]
     if "factor_power" in report:

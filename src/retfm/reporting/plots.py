@@ -138,8 +138,9 @@ def plot_differences(
         runs_a, runs_b = r.get("replicate_aurocs_a"), r.get("replicate_aurocs_b")
         if runs_a is not None and runs_b is not None and len(runs_a) > 1:
             pairs = np.asarray(runs_a[: len(runs_b)], float) - np.asarray(runs_b[: len(runs_a)])
+            label = "one pre-training run pair" if i == 0 else None
             ax.plot(pairs, np.full(len(pairs), i + 0.22), "o", mfc="none", color=colour,
-                    ms=4, alpha=0.8, label="one pre-training run pair" if i == 0 else None)  # fmt: skip
+                    ms=4, alpha=0.8, label=label)  # fmt: skip
         ax.text(
             1.02,
             i,

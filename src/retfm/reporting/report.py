@@ -12,7 +12,12 @@ import pandas as pd
 from jinja2 import Environment
 from tabulate import tabulate
 
-from retfm.reporting.summary import alignment_line, factor_lines, summary_rows
+from retfm.reporting.summary import (
+    alignment_line,
+    factor_lines,
+    power_rows,
+    summary_rows,
+)
 
 _HTML = Environment(autoescape=True).from_string("""<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -61,6 +66,11 @@ COLUMN_NAMES = {
     "eod": "equalised-odds difference",
     "es_auc": "equity-scaled AUROC",
     "undefined_groups": "undefined groups",
+    "sd_replicates_a": "sd between runs a",
+    "sd_replicates_b": "sd between runs b",
+    "n_replicates_a": "runs a",
+    "n_replicates_b": "runs b",
+    "df": "degrees of freedom",
 }
 TABLE_COLUMNS = {
     "comparisons": [
@@ -76,6 +86,26 @@ TABLE_COLUMNS = {
         "p_adj",
         "verdict",
         "detectable",
+        "n_replicates_a",
+        "n_replicates_b",
+        "sd_replicates_a",
+        "sd_replicates_b",
+        "df",
+        "n_images",
+        "n_patients",
+    ],
+    "run_comparisons": [
+        "task",
+        "fm_a",
+        "fm_b",
+        "auroc_a",
+        "auroc_b",
+        "diff",
+        "lo",
+        "hi",
+        "p",
+        "p_adj",
+        "verdict",
         "n_images",
         "n_patients",
         "p_seed_ttest",
@@ -122,20 +152,28 @@ def _view(name: str, table: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def _methods(summary: dict[str, Any]) -> list[str]:
     m = summary["methods"]
+    k = summary.get("n_replicates", 1)
     text = [
-        "Which FM is better on a task, and whether the aligned FM is better: "
-        f"{m['comparison_test']}. Both FMs are scored on the same test images, so the test is "
-        "paired; its variance holds the test set's sampling error (patients, not images, are "
-        "the independent units) and the adaptation seeds' spread. A t-test over seeds "
-        "(RETFound's) sees only the seeds: every seed is scored on the same finite test set, "
-        "so in simulation it called equally good FMs different far above its nominal rate; "
-        "its p is shown as an extra column and decides nothing. p-values are adjusted "
-        f"({m['correction']}) over every comparison of the study; alpha {m['alpha']}. "
-        f"What the test does not cover: {m['comparison_scope']}.",
+        "Whose pre-training data makes the better FM on a task (the study's question, the data "
+        f"level): {m.get('data_level_test', m['comparison_test'])}. Each FM is pre-trained "
+        f"{k} time(s) here, each run on its own cohort drawn from the site's pool with its own "
+        "seed, so the spread between runs (another draw of the same site's data) is inside the "
+        "test; with one run per site the data-level verdict is undetermined, never 'no "
+        f"evidence'. p-values are adjusted ({m['correction']}) over the study's data-level "
+        f"comparisons; alpha {m['alpha']}.",
+        "Which pre-training run is better (per run, labelled as such; it says nothing about "
+        f"the data, since another draw moves it): {m['comparison_test']}. Both runs are scored "
+        "on the same test images, so the test is paired; its variance holds the test set's "
+        "sampling error (patients, not images, are the independent units) and the adaptation "
+        "seeds' spread. A t-test over seeds (RETFound's) sees only the seeds: every seed is "
+        "scored on the same finite test set, so in simulation it called equally good FMs "
+        "different far above its nominal rate; its p is shown as an extra column and decides "
+        f"nothing. What the per-run test does not cover: {m['comparison_scope']}.",
         f"Which metadata factors matter: {m['factor_test']}. Each image's placement (the share "
         "of other-class images it outranks on its own class) is compared between groups only "
-        "within the same task, true class and FM, so differences in difficulty, disease "
-        "prevalence and age / sex / ethnicity mix between tasks cannot pass for a factor effect.",
+        "within the same task, true class and FM (its runs and seeds as one ensemble), so "
+        "differences in difficulty, disease prevalence and age / sex / ethnicity mix between "
+        "tasks cannot pass for a factor effect.",
         m["undetermined"] + ".",
     ]
     cal = m.get("calibration")
@@ -145,15 +183,24 @@ def _methods(summary: dict[str, Any]) -> list[str]:
             for k, v in cal["headline"].items()
         )
         ok = "within" if cal["within_target"] else "NOT within"
+        draws = {t: v for t, v in (cal.get("draw_auroc_sd") or {}).items() if v is not None}
+        drawn = (
+            "each pre-training run's population AUROC redrawn with the between-run sd measured "
+            "on this study's replicates ("
+            + ", ".join(f"{t} {v:.3f}" for t, v in draws.items())
+            + "), "
+            if draws
+            else ""
+        )
         text.append(
-            f"Measured at this study's design ({cal['n_studies']} simulated studies with no "
-            "difference between FMs and no factor effect, test sets resampled from this "
-            "study's own patients, its seeds and class counts, difficulty matched to its "
-            f"AUROCs): false-positive rates {rates}; every single decision (the FM comparison, "
-            f"the alignment verdict, each factor's verdicts) {ok} the target (upper 95% bound at "
-            f"most {cal['target_upper']:.2f}); 'any factor' is the family-wise rate over every "
-            f"factor and grouping, held to {cal['alpha']:.0%} by the Holm adjustment. "
-            "`retfm calibrate` measures power on a grid."
+            f"Measured at this study's design ({cal['n_studies']} simulated studies where the "
+            f"sites' data are equally good and no factor has an effect: {drawn}test sets "
+            "resampled from this study's own patients, its seeds, runs and class counts, "
+            f"difficulty matched to its AUROCs): false-positive rates {rates}; every decision "
+            f"{ok} its target (per decision: upper 95% bound at most alpha + 0.02; a per-study "
+            "family rate: its interval meets [alpha/2, alpha + 0.02]). 'per-run comparison' is "
+            "the per-run test's rate when draws vary: it is why that test does not answer the "
+            "data question. `retfm calibrate` measures power on a grid."
         )
     detect = [
         f"{t['task']} ({t['n_test_images']} test images): {c['detectable']:.3f}"
@@ -163,7 +210,8 @@ def _methods(summary: dict[str, Any]) -> list[str]:
     ]
     if detect:
         text.append(
-            "At this study's test-set sizes it can detect (80% power) an AUROC difference of "
+            "At this study's test-set sizes and runs per site the data-level test can detect "
+            "(80% power) an AUROC difference of "
             + "; ".join(detect)
             + ". Smaller true differences will mostly read as 'no evidence'."
         )
@@ -176,31 +224,59 @@ def write_report(
     figures: dict[str, list[Path]],
     out_dir: Path,
 ) -> tuple[Path, Path]:
-    """``tables``: comparisons, alignment, factors, factor_groups, fairness; ``figures``:
-    alignment, differences, factors, subgroups."""
+    """``tables``: comparisons (data level), run_comparisons, alignment, factors,
+    factor_groups, fairness; ``figures``: alignment, differences, run_differences, factors,
+    subgroups."""
     header, rows = summary_rows(summary)
     title = f"retfm study report: {summary['study']}"
+    k = summary.get("n_replicates", 1)
     note = (
-        f"{len(summary['fms'])} FMs x {len(summary['tasks'])} tasks x {summary['n_seeds']} "
-        f"seeds; profile {summary['profile']}; {summary['runs_compared']} adaptation runs."
+        f"{len(summary['fms'])} FMs x {k} pre-training run(s) each x {len(summary['tasks'])} "
+        f"tasks x {summary['n_seeds']} seeds; profile {summary['profile']}; "
+        f"{summary['runs_compared']} adaptation runs."
     )
     answers = [alignment_line(summary["alignment"]), *factor_lines(summary["factors"])]
+    if summary.get("run_alignment"):
+        answers.append(alignment_line(summary["run_alignment"], level="run"))
+    p_header, p_rows = power_rows(summary)
     sections = [
         _Section("The study's answers", answers, css="answer"),
         _Section(
             "Overview: FM x task AUROC",
             [
-                "mean ± sd over seeds; difference of seed-mean "
-                "AUROCs with its 95% interval; p adjusted over every comparison"
+                "data level: each FM's AUROC as the mean ± sd over its pre-training runs; the "
+                "difference pooled over the runs with its 95% interval; p adjusted over the "
+                "data-level comparisons"
             ],
             pd.DataFrame(rows, columns=header),
         ),
         _Section("Methods: how each question is decided", _methods(summary)),
         _Section(
-            "Which FM is better on each task",
-            ["red: decided; black: no evidence; grey: undetermined"],
+            "Whose data is better on each task (data level)",
+            [
+                "filled: the pooled difference with its 95% interval (red: decided; black: no "
+                "evidence; grey: undetermined); open circles: each pair of runs"
+            ],
             _view("comparisons", tables.get("comparisons")),
             figures.get("differences", []),
+        ),
+        _Section(
+            "Power by replicates",
+            [
+                "the AUROC advantage of one site's data detectable at 80% power with K "
+                "pre-training runs per site, at this study's test sets and measured spread "
+                "between runs; and how many runs per site an advantage needs"
+            ],
+            pd.DataFrame(p_rows, columns=p_header) if p_rows else None,
+        ),
+        _Section(
+            "Which pre-training run is better (per run)",
+            [
+                "run r<k> of one FM against run r<k> of the other; decided per run by the "
+                "paired seeded test: another draw of the cohorts moves these verdicts"
+            ],
+            _view("run_comparisons", tables.get("run_comparisons")),
+            figures.get("run_differences", []),
         ),
         _Section(
             "Alignment: FM x data site",

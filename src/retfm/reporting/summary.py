@@ -79,8 +79,9 @@ def replicate_power(
     family = max(int(np.isfinite(comparisons["p"]).sum()), len(comparisons), 1)
     level = config.alpha / family
     for r in comparisons.itertuples():
-        sd_a, sd_b = float(getattr(r, "sd_replicates_a", np.nan)), float(
-            getattr(r, "sd_replicates_b", np.nan)
+        sd_a, sd_b = (
+            float(getattr(r, "sd_replicates_a", np.nan)),
+            float(getattr(r, "sd_replicates_b", np.nan)),
         )
         measured = np.isfinite(sd_a) and np.isfinite(sd_b)
         if not measured:
@@ -102,8 +103,9 @@ def replicate_power(
                 "sd_replicates": _num(np.sqrt((sd_a**2 + sd_b**2) / 2)),
                 "detectable": {str(k): _num(v) for k, v in detect.items()},
                 "replicates_needed": {
-                    str(a): replicates_needed(a, sd_a, sd_b, var_test, n_pat, level,
-                                              config.power)  # fmt: skip
+                    str(a): replicates_needed(
+                        a, sd_a, sd_b, var_test, n_pat, level, config.power
+                    )  # fmt: skip
                     for a in ADVANTAGES
                 },
             }
@@ -157,9 +159,7 @@ def build_summary(
     tasks = []
     comp, run_comp = analysis.comparisons, analysis.run_comparisons
     align = analysis.alignment.set_index("task") if len(analysis.alignment) else None
-    run_align = (
-        analysis.run_alignment.set_index("task") if len(analysis.run_alignment) else None
-    )
+    run_align = analysis.run_alignment.set_index("task") if len(analysis.run_alignment) else None
     run_col = "run" if "run" in runs.columns else "fm"
     for task, frame in runs.groupby("task", sort=False):
         per_run = frame.groupby(run_col)["auroc"].mean()
@@ -330,7 +330,9 @@ def power_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             for k in POWER_REPLICATES
         ]
         need = [
-            f"> 100" if r["replicates_needed"][str(a)] is None else str(r["replicates_needed"][str(a)])
+            "> 100"
+            if r["replicates_needed"][str(a)] is None
+            else str(r["replicates_needed"][str(a)])
             for a in ADVANTAGES
         ]
         sd = "-" if r["sd_replicates"] is None else f"{r['sd_replicates']:.3f} ({r['spread']})"
