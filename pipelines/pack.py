@@ -8,6 +8,7 @@ margin they have in RETFound."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pandas as pd
@@ -25,10 +26,11 @@ def main(kind: str, name: str) -> None:
     settings = load_settings()
     outputs, data = settings.paths.outputs, settings.paths.data
     if kind == "cohort":
-        if name not in settings.expanded.cohorts:
-            raise ValueError(f"cohort {name!r} is not one of {list(settings.expanded.cohorts)}")
+        card = outputs / "cohorts" / name / "card" / "card.json"
+        if not card.is_file():
+            raise FileNotFoundError(f"{card}: no cohort {name!r}; run `dvc repro cohort@{name}`")
         meta = pd.read_parquet(outputs / "cohorts" / name / "cohort.parquet")
-        root = data / "sites" / settings.expanded.cohorts[name].site
+        root = data / "sites" / json.loads(card.read_text())["site"]  # the pool it was drawn from
     else:
         meta = pd.read_parquet(outputs / "validation" / "tasks" / f"{name}.parquet")
         root = data / "tasks" / name

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from retfm import tracking
 from retfm.relink import relink_pretraining, tracked_stages
-from retfm.settings import FMSpec, load_settings
+from retfm.fms import expansion
+from retfm.settings import ExpandedSettings, FMSpec, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +36,15 @@ def test_pretraining_is_recorded_once_with_its_key_and_history(
     uri = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     base = load_settings(ROOT / "params.yaml")
-    fms = {"a": FMSpec(site="a", recipe="mae", source="outputs/packed/cohorts/a")}
-    study = base.study.model_copy(update={"sites": ["a"], "fms": fms})
-    settings = base.model_copy(update={"study": study})
-    out = tmp_path / "outputs/pretrain/a"
+    fms = {"a": FMSpec(site="a", recipe="mae")}
+    study = base.study.model_copy(update={"sites": ["a"], "fms": fms, "replicates": 1})
+    expanded = ExpandedSettings.model_validate(expansion(study, base.paths.outputs))
+    settings = base.model_copy(update={"study": study, "expanded": expanded})
+    out = tmp_path / "outputs/pretrain/a-r0"
     out.mkdir(parents=True)
     (out / "run.json").write_text(json.dumps({"mlflow_key": "k-a", "steps": 3, "final_loss": 0.5}))
     (out / "history.csv").write_text("step,epoch,loss,lr\n1,0,0.9,0.1\n2,0,0.7,0.1\n3,1,0.5,0.1\n")
-    assert relink_pretraining(settings, tmp_path) == ["a"]
+    assert relink_pretraining(settings, tmp_path) == ["a-r0"]
     assert relink_pretraining(settings, tmp_path) == []  # already here: left alone
     client = MlflowClient(uri)
     run_id = tracking.keyed_run_id(settings, "pretrain", "k-a")

@@ -16,7 +16,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from retfm.fms import FM
+from retfm.fms import FM, Replicate
 from retfm.models.encoder import Preprocessing, build_encoder, encode, save_encoder
 from retfm.models.onnx_export import export_onnx, onnx_parity
 from retfm.registry.lineage import REQUIRED_TAGS, model_card, sha256_file, weights_digest
@@ -97,7 +97,13 @@ def register_tiny(
         attachments={
             "model_card.md": model_card(
                 name=name,
-                fm=FM("mae-hospital", "hospital", "mae", Path("c"), imported=False),
+                fm=Replicate(
+                    FM("mae-hospital", "hospital", "mae", Path("c"), imported=False),
+                    index=0,
+                    name="mae-hospital-r0",
+                    seed=0,
+                    source=Path("c/hospital-r0"),
+                ),
                 tags=LINEAGE,
                 preprocessing=prep,
                 arch=ARCH.model_dump(),

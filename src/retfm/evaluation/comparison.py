@@ -66,16 +66,21 @@ def seed_arrays(preds: pd.DataFrame, where: str) -> tuple[pd.DataFrame, list[np.
     """Split per-seed predictions into the test images (one row each, sorted by image_id) and
     one probability array per seed, rows aligned; every seed must score the same images."""
     probs = prob_columns(preds)
-    seeds = sorted(preds["seed"].unique()) if "seed" in preds else [0]
-    frames = {s: preds[preds["seed"] == s] if "seed" in preds else preds for s in seeds}
-    first = frames[seeds[0]].sort_values("image_id").reset_index(drop=True)
-    arrays = []
-    for s, frame in frames.items():
-        frame = frame.sort_values("image_id").reset_index(drop=True)
-        if len(frame) != len(first) or not frame["image_id"].equals(first["image_id"]):
+    if "seed" not in preds:
+        first = preds.sort_values("image_id").reset_index(drop=True)
+        return first.drop(columns=[c for c in (*probs, "run_id") if c in first]), [
+            first[probs].to_numpy(float)
+        ]
+    ordered = preds.sort_values(["seed", "image_id"], kind="stable")
+    seeds, counts = np.unique(ordered["seed"].to_numpy(), return_counts=True)
+    n = int(counts[0])
+    ids = ordered["image_id"].to_numpy()
+    for i, s in enumerate(seeds):
+        if counts[i] != n or not np.array_equal(ids[i * n : (i + 1) * n], ids[:n]):
             raise ValueError(f"{where}: seed {s} scored other test images than seed {seeds[0]}")
-        arrays.append(frame[probs].to_numpy(float))
-    return first.drop(columns=[c for c in (*probs, "seed", "run_id") if c in first]), arrays
+    values = ordered[probs].to_numpy(float).reshape(len(seeds), n, len(probs))
+    first = ordered.iloc[:n].reset_index(drop=True)
+    return first.drop(columns=[c for c in (*probs, "seed", "run_id") if c in first]), list(values)
 
 
 def _pair_row(task: str, fm_a: str, fm_b: str, a: pd.DataFrame, b: pd.DataFrame, ci: float):
