@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory data && \
-	dvc repro && \
+	retfm repro --jobs 2 && \
 	retfm summary && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s (after install)"
 
@@ -28,8 +28,9 @@ data: $(STAMP)
 	retfm synth --if-needed
 	dvc add --quiet data
 
+## `dvc repro` with each kind's independent stages in two lanes (retfm.lanes)
 repro: $(STAMP)
-	dvc repro
+	retfm repro --jobs 2
 
 ## every test (unit + end-to-end on the tiny profile + real services on loopback), on two
 ## workers: the tests that share the session's tiny study run on one (xdist_group "study")

@@ -9,8 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from retfm import tracking
-from retfm.relink import relink_pretraining, tracked_stages
 from retfm.fms import expansion
+from retfm.relink import relink_pretraining, tracked_stages
 from retfm.settings import ExpandedSettings, FMSpec, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

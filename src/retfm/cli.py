@@ -444,6 +444,20 @@ def relink(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @app.command()
+def repro(
+    jobs: Annotated[int, typer.Option(help="stages run at once (lanes)")] = 2,
+    root: Annotated[Path, typer.Option(help="the project folder")] = Path("."),
+) -> None:
+    """`dvc repro` with the independent stages of each kind (cohorts, packs, pre-trainings,
+    registrations, adaptations) in `jobs` parallel lanes, then a plain `dvc repro`."""
+    from retfm.lanes import run_lanes
+
+    status = run_lanes(root, jobs, echo=typer.echo)
+    if status:
+        raise typer.Exit(status)
+
+
+@app.command()
 def server(
     backend_store_uri: Annotated[
         str | None,

@@ -109,7 +109,11 @@ def study(make_study: Callable[..., Study], request: pytest.FixtureRequest,
           tmp_path_factory: pytest.TempPathFactory) -> Study:  # fmt: skip
     """The tiny study, reproduced end to end (and a pristine copy: :func:`pristine_study`)."""
     claim(request.config, tmp_path_factory, "study")
-    built = make_study("study")
+    reuse = os.environ.get("RETFM_TEST_STUDY")  # developers: a tiny study built before
+    if reuse:
+        built = Study(Path(reuse), subprocess.CompletedProcess([], 0, "", ""))
+    else:
+        built = make_study("study")
     snapshot = tmp_path_factory.getbasetemp() / "study-snapshot" / "study"
     shutil.copytree(built.path, snapshot, symlinks=True)
     return built

@@ -17,6 +17,8 @@ from retfm.registry.models import logged_model_id
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]  # one worker builds it
 
 FMS = {"mae-hospital": "hospital", "mae-screening": "screening"}  # FM -> site
+#: the tiny profile's two pre-training runs of each FM: run -> its FM
+RUNS = {f"{fm}-r{k}": fm for fm in FMS for k in (0, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -27,32 +29,34 @@ def client(study) -> MlflowClient:
 
 
 def test_registry_holds_both_site_fms_as_runnable_onnx(study, client: MlflowClient) -> None:
-    for fm, site in FMS.items():
-        version = client.get_model_version_by_alias(f"fm-{fm}", "candidate")
+    for run, fm in RUNS.items():
+        site = FMS[fm]
+        version = client.get_model_version_by_alias(f"fm-{run}", "candidate")
         tags = version.tags
         assert (tags["fm"], tags["fm.site"], tags["fm.recipe"]) == (fm, site, "mae")
+        assert (tags["fm.run"], tags["fm.replicate"]) == (run, run[-1])
         assert tags["fm.source"] == "pretrained"
         assert float(tags["onnx.parity"]) <= 1e-4
         for key in ("data.md5", "cohort.md5", "git.commit", "params.hash", "recipe.hash"):
             assert tags[key] not in ("", "unknown", "untracked", "unlocked"), key
-        model = mlflow.pyfunc.load_model(f"models:/fm-{fm}@candidate")
+        model = mlflow.pyfunc.load_model(f"models:/fm-{run}@candidate")
         meta = model.metadata.metadata
         img = int(meta["preprocessing"]["img_size"])
         out = model.predict(np.zeros((3, 3, img, img), dtype=np.float32))
         features = next(iter(out.values())) if isinstance(out, dict) else np.asarray(out)
         assert features.shape[0] == 3 and np.isfinite(features).all()
-        about = client.get_registered_model(f"fm-{fm}").description
+        about = client.get_registered_model(f"fm-{run}").description
         assert f"Foundation model `{fm}`" in about and f"site `{site}`" in about, about
         assert "`champion` the one promoted by `retfm promote`" in about
-    about = client.get_registered_model("clf-hospital_dr-fm-mae-hospital").description
-    assert "Classifier for task `hospital_dr`" in about and "`fm-mae-hospital`" in about, about
+    about = client.get_registered_model("clf-hospital_dr-fm-mae-hospital-r0").description
+    assert "Classifier for task `hospital_dr`" in about and "`fm-mae-hospital-r0`" in about, about
 
 
 def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: MlflowClient) -> None:
     exp = client.get_experiment_by_name("adapt")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'adapt'", max_results=500)
     settings_seeds = 2
-    assert len(runs) == len(FMS) * 3 * settings_seeds
+    assert len(runs) == len(RUNS) * 3 * settings_seeds
     for r in runs:
         for tag in (
             "study",
@@ -60,6 +64,8 @@ def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: Mlflow
             "fm.site",
             "fm.recipe",
             "fm.model",
+            "fm.run",
+            "fm.replicate",
             "fm.version",
             "task",
             "task.site",
@@ -80,8 +86,10 @@ def test_every_evaluation_run_has_subgroup_keys_and_counts(study, client: Mlflow
 def test_each_registered_model_carries_its_evaluation(study, client) -> None:  # noqa: ANN001
     """After compare: MLflow 3's model metrics on the logged model behind every FM and
     classifier version, and its model card's Evaluation section filled in."""
-    names = [f"fm-{fm}" for fm in FMS] + [
-        f"clf-{task}-fm-{fm}" for fm in FMS for task in ("hospital_dr", "screening_dr", "public_dr")
+    names = [f"fm-{run}" for run in RUNS] + [
+        f"clf-{task}-fm-{run}"
+        for run in RUNS
+        for task in ("hospital_dr", "screening_dr", "public_dr")
     ]
     for name in names:
         version = client.get_model_version_by_alias(name, "candidate")
@@ -103,20 +111,36 @@ def test_compare_writes_report_and_summary(study, sh) -> None:
     assert "Methods: how each question is decided" in report
     assert "Measured at this study's design" in report  # calibration at its own test sets
     # and what the test does not cover: one pre-training run per site
-    assert "What the test does not cover: it compares these FMs as trained" in report
+    assert "What the per-run test does not cover: a per-run comparison" in report
+    assert "Whose data is better on each task (data level)" in report
+    assert "Power by replicates" in report
     shown = sh(["retfm", "summary"], study.path).stdout
     assert "hospital_dr" in shown and "mlflow ui" in shown
     # each answer names the test that decided it, never another test's p beside its verdict
+    assert "Decided by: data-level test over pre-training runs" in shown
     assert "Decided by: paired test on the same test images" in shown
     assert "Decided by: stratified score test" in shown
-    assert "Scope: it compares these FMs as trained" in shown
+    assert "Per pre-training run (which run is better" in shown
     allowed = {"no evidence", "mae-hospital better", "mae-screening better"}
+    assert summary["n_replicates"] == 2 and summary["replicates"] == {
+        fm: [f"{fm}-r0", f"{fm}-r1"] for fm in FMS
+    }
     for task in summary["tasks"]:
-        for comparison in task["comparisons"]:
-            verdict = comparison["verdict"]
-            assert verdict in allowed or verdict.startswith("undetermined ("), verdict
+        (comparison,) = task["comparisons"]  # data level: one per FM pair, runs pooled
+        assert comparison["verdict"] in allowed, comparison  # two runs per site: decidable
+        assert len(comparison["replicate_aurocs_a"]) == 2 and comparison["sd_replicates_a"]
+        runs = {(c["fm_a"], c["fm_b"]) for c in task["run_comparisons"]}
+        assert runs == {("mae-hospital-r0", "mae-screening-r0"),
+                        ("mae-hospital-r1", "mae-screening-r1")}  # fmt: skip
+        for c in task["run_comparisons"]:
+            assert c["verdict"] in {"no evidence", *(f"{r} better" for r in RUNS)} or c[
+                "verdict"
+            ].startswith("undetermined ("), c
+    assert {r["task"] for r in summary["power_by_replicates"]} == {
+        t["task"] for t in summary["tasks"]
+    }
     table = pd.read_parquet(study.path / "outputs/evaluation/runs.parquet")
-    assert set(table["fm"]) == set(FMS)
+    assert set(table["fm"]) == set(FMS) and set(table["run"]) == set(RUNS)
 
 
 def test_no_patient_id_in_clear_downstream_of_validation(study) -> None:
@@ -156,7 +180,7 @@ def test_second_repro_finds_nothing_to_do(study, sh) -> None:
 
 
 def test_rerun_creates_no_new_registry_versions(study, sh, client: MlflowClient) -> None:
-    before = {fm: len(client.search_model_versions(f"name = 'fm-{fm}'")) for fm in FMS}
-    sh(["dvc", "repro", "--force", "--single-item", "register@mae-hospital"], study.path)
-    after = {fm: len(client.search_model_versions(f"name = 'fm-{fm}'")) for fm in FMS}
+    before = {r: len(client.search_model_versions(f"name = 'fm-{r}'")) for r in RUNS}
+    sh(["dvc", "repro", "--force", "--single-item", "register@mae-hospital-r0"], study.path)
+    after = {r: len(client.search_model_versions(f"name = 'fm-{r}'")) for r in RUNS}
     assert before == after

@@ -34,12 +34,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]  # one worker b
 #: One stage of each kind, in pipeline order.
 ALL_STAGES = (
     "validate",
-    "cohort@hospital",
-    "pack_cohort@hospital",
+    "cohort@hospital-r0",
+    "pack_cohort@hospital-r0",
     "pack_task@hospital_dr",
-    "pretrain@mae-hospital",
-    "register@mae-hospital",
-    "adapt@mae-hospital-hospital_dr",
+    "pretrain@mae-hospital-r0",
+    "register@mae-hospital-r0",
+    "adapt@mae-hospital-r0-hospital_dr",
     "evaluate",
     "compare",
 )
@@ -82,17 +82,17 @@ def test_changing_the_cohort_size_reruns_it_and_marks_downstream_stale(records, 
     n = yaml.safe_load(original)["cohort"]["images_per_site"]
     try:
         params.write_text(original.replace(f"images_per_site: {n}", f"images_per_site: {n - 10}"))
-        out = sh(["dvc", "repro", "cohort@hospital"], records.path).stdout
-        assert "Running stage 'cohort@hospital'" in out, out[-3000:]
-        card = json.loads((records.path / "outputs/cohorts/hospital/card/card.json").read_text())
+        out = sh(["dvc", "repro", "cohort@hospital-r0"], records.path).stdout
+        assert "Running stage 'cohort@hospital-r0'" in out, out[-3000:]
+        card = json.loads((records.path / "outputs/cohorts/hospital-r0/card/card.json").read_text())
         assert card["size"]["images"] == n - 10
         status = sh(["dvc", "status"], records.path).stdout
         # every site's cohort has this size, so both cohorts and everything below are stale
-        for stage in ("cohort@screening", "pack_cohort@hospital", "register@mae-hospital"):
+        for stage in ("cohort@screening-r0", "pack_cohort@hospital-r0", "register@mae-hospital-r0"):
             assert f"{stage}:" in status, status
     finally:
         params.write_text(original)
-        sh(["dvc", "repro", "cohort@hospital"], records.path)  # back from the run cache
+        sh(["dvc", "repro", "cohort@hospital-r0"], records.path)  # back from the run cache
     assert "all records agree" in sh(["retfm", "doctor"], records.path).stdout
 
 
@@ -101,7 +101,7 @@ def test_an_old_params_file_stops_at_the_door_naming_the_new_key(records, sh) ->
     original = params.read_text()
     try:
         params.write_text(original.replace("images_per_site:", "size:"))
-        proc = sh(["dvc", "repro", "cohort@hospital"], records.path, check=False)
+        proc = sh(["dvc", "repro", "cohort@hospital-r0"], records.path, check=False)
         assert proc.returncode != 0
         assert "cohort.size: renamed: use cohort.images_per_site" in proc.stderr + proc.stdout
     finally:
@@ -112,12 +112,12 @@ def test_an_old_params_file_stops_at_the_door_naming_the_new_key(records, sh) ->
 
 def test_doctor_names_each_tampered_record(records, sh) -> None:  # noqa: ANN001
     repo = records.path
-    card_path = repo / "outputs/cohorts/hospital/card/card.json"
+    card_path = repo / "outputs/cohorts/hospital-r0/card/card.json"
     card_text = card_path.read_text()
     params = repo / "params.yaml"
     params_text = params.read_text()
     client = MlflowClient(records.tracking_uri, records.tracking_uri)
-    version = client.get_model_version_by_alias("fm-mae-screening", "candidate")
+    version = client.get_model_version_by_alias("fm-mae-screening-r0", "candidate")
     true_md5 = version.tags["data.md5"]
 
     def disagreements() -> list[str]:
@@ -137,13 +137,13 @@ def test_doctor_names_each_tampered_record(records, sh) -> None:  # noqa: ANN001
         found = disagreements()
         assert any("cohort.strategy" in x and "matched" in x for x in found), found
         params.write_text(params_text)
-        client.set_model_version_tag("fm-mae-screening", version.version, "data.md5", "0" * 32)
+        client.set_model_version_tag("fm-mae-screening-r0", version.version, "data.md5", "0" * 32)
         found = disagreements()
-        assert any("fm-mae-screening" in x and "data.md5" in x for x in found), found
+        assert any("fm-mae-screening-r0" in x and "data.md5" in x for x in found), found
     finally:
         card_path.write_text(card_text)
         params.write_text(params_text)
-        client.set_model_version_tag("fm-mae-screening", version.version, "data.md5", true_md5)
+        client.set_model_version_tag("fm-mae-screening-r0", version.version, "data.md5", true_md5)
     assert "all records agree" in sh(["retfm", "doctor"], repo).stdout
 
 
@@ -202,10 +202,34 @@ def test_the_readme_grid_line_runs_every_adapt_stage_in_parallel(colleague, sh) 
     apply_overrides(params, {"adapt": {"epochs": epochs - 1}})  # every adapt stage stale at once
     proc = sh(["bash", "-c", line], repo)
     ran = re.findall(r"Running stage '(adapt@[^']+)'", proc.stdout + proc.stderr)
-    assert len(ran) == 6, proc.stdout[-3000:]
+    assert len(ran) == 12, proc.stdout[-3000:]  # 2 FMs x 2 runs x 3 tasks
     status = sh(["dvc", "status"], repo).stdout
     assert "adapt@" not in status and "evaluate:" in status, status  # dvc.lock consistent
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.json"))}
+
+
+def test_adding_a_replicate_reruns_only_its_stages(records, sh) -> None:  # noqa: ANN001
+    """study.replicates 2 -> 3: the new replicate's stages and the study-wide ones downstream
+    (evaluate, compare) would run; no stage of replicates r0 / r1 is stale."""
+    params = records.path / "params.yaml"
+    original = params.read_text()
+    try:
+        apply_overrides(params, {"study": {"replicates": 3}})  # rewrites `expanded` too
+        assert "mae-hospital-r2:" in params.read_text()
+        dry = sh(["dvc", "repro", "--dry"], records.path).stdout
+        would = set(re.findall(r"Running stage '([^']+)'", dry))
+        new = {f"{kind}@{site}-r2" for kind in ("cohort", "pack_cohort")
+               for site in ("hospital", "screening")}  # fmt: skip
+        new |= {f"{kind}@mae-{site}-r2" for kind in ("pretrain", "register")
+                for site in ("hospital", "screening")}  # fmt: skip
+        new |= {f"adapt@mae-{site}-r2-{task}" for site in ("hospital", "screening")
+                for task in ("hospital_dr", "screening_dr", "public_dr")}  # fmt: skip
+        assert would == new | {"evaluate", "compare"}, sorted(
+            would ^ (new | {"evaluate", "compare"})
+        )
+    finally:
+        params.write_text(original)
+    assert "up to date" in sh(["dvc", "status"], records.path).stdout

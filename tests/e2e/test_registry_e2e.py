@@ -26,7 +26,7 @@ from retfm.models.encoder import Preprocessing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]  # one worker builds it
 
-FM, TASK = "mae-hospital", "hospital_dr"
+FM, TASK = "mae-hospital-r0", "hospital_dr"  # replicate r0 of the hospital FM
 CLASSIFIER = f"clf-{TASK}-fm-{FM}"
 BIN = Path(sys.executable).parent
 

@@ -166,10 +166,10 @@ def test_corrupted_object_in_the_remote(shared, sh, tmp_path: Path, verify: bool
     repo, s3 = shared
     name = f"corrupt-{str(verify).lower()}"
     url = remote_url(s3, name)
-    target, out = "pretrain@mae-hospital", "outputs/pretrain/mae-hospital/run.json"
+    target, out = "pretrain@mae-hospital-r0", "outputs/pretrain/mae-hospital-r0/run.json"
     add_remote(sh, repo, s3, "bad", url)
     sh(["dvc", "push", "-r", "bad", target], repo)
-    md5 = _lock_md5(repo, "pretrain@mae-hospital", out)
+    md5 = _lock_md5(repo, "pretrain@mae-hospital-r0", out)
     key = f"{name}/files/md5/{md5[:2]}/{md5[2:]}"
     assert key in object_keys(s3, name)
     s3.client().put_object(Bucket=BUCKET, Key=key, Body=b'{"tampered": true}\n')

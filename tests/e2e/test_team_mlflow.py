@@ -37,14 +37,14 @@ CHECK = textwrap.dedent(
     client = MlflowClient()
     out = {"fms": {}, "adapt": [], "artifacts": {}}
     for site in ("hospital", "screening"):
-        v = client.get_model_version_by_alias(f"fm-mae-{site}", "candidate")
+        v = client.get_model_version_by_alias(f"fm-mae-{site}-r0", "candidate")
         out["fms"][site] = {"version": v.version, "source": v.source, "site": v.tags["fm.site"]}
     adapt = client.get_experiment_by_name("adapt")
     for r in client.search_runs([adapt.experiment_id], "tags.stage = 'adapt'", max_results=500):
         out["adapt"].append({"fm": r.data.tags["fm.site"], "task": r.data.tags["task"],
                              "seed": r.data.tags["seed"], "auroc": r.data.metrics.get("auroc")})
     tmp = Path(tempfile.mkdtemp())
-    model_dir = Path(mlflow.artifacts.download_artifacts("models:/fm-mae-hospital@candidate",
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/fm-mae-hospital-r0@candidate",
                                                          dst_path=str(tmp / "model")))
     out["artifacts"]["onnx"] = sorted(p.name for p in model_dir.rglob("*.onnx"))
     study = client.get_experiment_by_name("study")
@@ -52,7 +52,7 @@ CHECK = textwrap.dedent(
     report = Path(client.download_artifacts(run.info.run_id, "report.html", str(tmp)))
     out["artifacts"]["report_bytes"] = report.stat().st_size
     out["artifacts"]["report_head"] = report.read_text()[:200]
-    model = mlflow.pyfunc.load_model("models:/fm-mae-hospital@candidate")
+    model = mlflow.pyfunc.load_model("models:/fm-mae-hospital-r0@candidate")
     img = int(model.metadata.metadata["preprocessing"]["img_size"])
     pred = model.predict(np.zeros((2, 3, img, img), dtype=np.float32))
     feats = next(iter(pred.values())) if isinstance(pred, dict) else np.asarray(pred)
@@ -116,8 +116,8 @@ def test_a_study_made_on_the_embedded_store_moves_onto_the_server(
 ) -> None:  # noqa: ANN001
     """``retfm relink`` (README, Team setup): nothing retrained, every record unchanged."""
     out = team_study.repro.stdout
-    assert "pretrain@mae-hospital: recorded from its outputs (not retrained)" in out, out
-    assert "adapt@mae-screening-public_dr: rerunning against " + server.uri in out, out
+    assert "pretrain@mae-hospital-r0: recorded from its outputs (not retrained)" in out, out
+    assert "adapt@mae-screening-r0-public_dr: rerunning against " + server.uri in out, out
     # every tracked stage was rerun (--force) against the server: outputs byte-identical
     lock = (pristine_study.path / "dvc.lock").read_bytes()
     assert (team_study.path / "dvc.lock").read_bytes() == lock
@@ -163,7 +163,9 @@ def test_state_lives_in_postgres_and_s3(team_study, team_services) -> None:
         n_runs = cur.fetchone()[0]
         cur.execute("select name from registered_models order by name")
         models = [r[0] for r in cur.fetchall()]
-    assert n_runs >= len(SITES) * 3 * 2 and {"fm-mae-hospital", "fm-mae-screening"} <= set(models)
+    assert n_runs >= len(SITES) * 3 * 2 and {"fm-mae-hospital", "fm-mae-screening-r0"} <= set(
+        models
+    )
     pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket="mlflow")
     keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
     assert any(k.endswith(".onnx") for k in keys), keys[:20]

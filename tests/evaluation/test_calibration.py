@@ -82,9 +82,9 @@ def test_one_run_per_site_gives_undetermined_data_level_verdicts():
     outcomes = run_studies(_replicated(k=1), AnalysisConfig(), 5, factors=False,
                            progress=False, workers=1)  # fmt: skip
     for o in outcomes:
-        assert set(o["comparison"].values()) == {
-            "undetermined (one pre-training run per site)"
-        }, o["comparison"]
+        assert set(o["comparison"].values()) == {"undetermined (one pre-training run per site)"}, o[
+            "comparison"
+        ]
         assert all(v.startswith("undetermined") for v in o["alignment"].values())
     rates = null_rates(outcomes)
     assert rates[COMPARISON].n == 0 and rates[RUN_COMPARISON].n == 3 * 5
