@@ -48,8 +48,6 @@ def _pretrain(settings: Settings, fm: Replicate, out: Path) -> None:
     outputs = settings.paths.outputs
     images = PackedSet(fm.source)
     arch, cfg = settings.model.arch, settings.pretrain
-    if os.environ.get("RETFM_PRETRAIN_THREADS"):  # `retfm repro --jobs`: lanes share the cores
-        cfg = cfg.model_copy(update={"num_threads": int(os.environ["RETFM_PRETRAIN_THREADS"])})
     stats = (tuple(images.mean), tuple(images.std)) if cfg.normalisation == "cohort" else ()
     prep = Preprocessing.retfound(arch.img_size, *stats, fundus_crop=settings.pack.fundus_crop)
     ckpt_dir = outputs / "checkpoints" / "pretrain" / fm.name / images.fingerprint[:16]

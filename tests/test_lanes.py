@@ -43,7 +43,6 @@ class _FakeDvc:
         time.sleep(0.2)
         with self.lock:
             self.active -= 1
-        assert kw["env"]["RETFM_PRETRAIN_THREADS"]
         code = 255 if cmd[-1] == self.fail else 0
         return subprocess.CompletedProcess(cmd, code, f"Running stage '{cmd[-1]}'", "boom")
 

@@ -71,14 +71,20 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def make_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Callable[..., Study]:
     def make(
-        name: str, mutate: Callable[[Path], None] | None = None, *, check: bool = True
+        name: str,
+        mutate: Callable[[Path], None] | None = None,
+        *,
+        check: bool = True,
+        lanes: bool = False,
     ) -> Study:
+        """``lanes``: build it as ``make demo`` does (``retfm repro --jobs 2``)."""
         repo = clone_repo(tmp_path_factory.mktemp(name))
         shutil.copytree(tiny_data, repo / "data")
         if mutate is not None:
             mutate(repo)
         run(["dvc", "add", "-q", "data"], repo)
-        proc = run(["dvc", "repro"], repo, check=check)
+        cmd = ["retfm", "repro", "--jobs", "2"] if lanes else ["dvc", "repro"]
+        proc = run(cmd, repo, check=check)
         return Study(repo, proc)
 
     return make
@@ -113,7 +119,7 @@ def study(make_study: Callable[..., Study], request: pytest.FixtureRequest,
     if reuse:
         built = Study(Path(reuse), subprocess.CompletedProcess([], 0, "", ""))
     else:
-        built = make_study("study")
+        built = make_study("study", lanes=True)
     snapshot = tmp_path_factory.getbasetemp() / "study-snapshot" / "study"
     shutil.copytree(built.path, snapshot, symlinks=True)
     return built

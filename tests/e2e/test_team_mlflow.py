@@ -163,7 +163,7 @@ def test_state_lives_in_postgres_and_s3(team_study, team_services) -> None:
         n_runs = cur.fetchone()[0]
         cur.execute("select name from registered_models order by name")
         models = [r[0] for r in cur.fetchall()]
-    assert n_runs >= len(SITES) * 3 * 2 and {"fm-mae-hospital", "fm-mae-screening-r0"} <= set(
+    assert n_runs >= len(SITES) * 3 * 2 and {"fm-mae-hospital-r0", "fm-mae-screening-r0"} <= set(
         models
     )
     pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket="mlflow")

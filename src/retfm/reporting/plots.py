@@ -153,10 +153,12 @@ def plot_differences(
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=8, frameon=False)
     ax.set_xlabel(xlabel)
-    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:  # say what the open markers are under the title
+        title += "\nfilled: runs pooled, 95% interval; open: each pair of runs r<k> - r<k>"
+        ax.set_title(title, fontsize=10)
+    else:
+        ax.set_title(title)
     return _save(fig, out)
 
 
