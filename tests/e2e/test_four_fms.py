@@ -101,5 +101,8 @@ def test_the_planted_age_effect_is_found_and_sex_and_ethnicity_are_not(four) -> 
     verdicts = factor_verdicts(summary["factors"])
     assert verdicts["age"] == "effect", summary["factors"]
     assert verdicts["sex"] != "effect" and verdicts["ethnicity"] != "effect", verdicts
-    decided = [c["verdict"] for t in summary["tasks"] for c in t["comparisons"]]
-    assert not any(v.startswith("undetermined") for v in decided), decided
+    # imported FMs are one pre-training run each: the data level is undetermined, and says why
+    data_level = {c["verdict"] for t in summary["tasks"] for c in t["comparisons"]}
+    assert data_level == {"undetermined (one pre-training run per site)"}, data_level
+    decided = [c["verdict"] for t in summary["tasks"] for c in t["run_comparisons"]]
+    assert decided and not any(v.startswith("undetermined") for v in decided), decided

@@ -41,7 +41,7 @@ CHECK = textwrap.dedent(
         out["fms"][site] = {"version": v.version, "source": v.source, "site": v.tags["fm.site"]}
     adapt = client.get_experiment_by_name("adapt")
     for r in client.search_runs([adapt.experiment_id], "tags.stage = 'adapt'", max_results=500):
-        out["adapt"].append({"fm": r.data.tags["fm.site"], "task": r.data.tags["task"],
+        out["adapt"].append({"fm": r.data.tags["fm.run"], "task": r.data.tags["task"],
                              "seed": r.data.tags["seed"], "auroc": r.data.metrics.get("auroc")})
     tmp = Path(tempfile.mkdtemp())
     model_dir = Path(mlflow.artifacts.download_artifacts("models:/fm-mae-hospital-r0@candidate",
@@ -140,7 +140,8 @@ def test_study_over_http_is_complete_for_a_second_process(team_study, server, tm
     assert {s: got["fms"][s]["site"] for s in SITES} == {s: s for s in SITES}
     assert all(got["fms"][s]["source"].startswith(("models:/", "mlflow-artifacts:")) for s in SITES)
     combos = {(r["fm"], r["task"], r["seed"]) for r in got["adapt"]}
-    assert len(got["adapt"]) == len(combos) == len(SITES) * 3 * 2, got["adapt"]
+    # sites x 2 pre-training runs each x 3 tasks x 2 seeds
+    assert len(got["adapt"]) == len(combos) == len(SITES) * 2 * 3 * 2, got["adapt"]
     assert all(r["auroc"] is not None and 0.0 <= r["auroc"] <= 1.0 for r in got["adapt"])
     assert got["artifacts"]["onnx"], got["artifacts"]
     assert got["artifacts"]["report_bytes"] > 1000

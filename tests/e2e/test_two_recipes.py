@@ -46,7 +46,8 @@ def test_dinov2_runs_log_their_objective_and_collapse_watch(recipes) -> None:
     client = MlflowClient(recipes.tracking_uri, recipes.tracking_uri)
     exp = client.get_experiment_by_name("pretrain")
     for fm in ("dinov2-hospital", "dinov2-screening"):
-        (run,) = client.search_runs([exp.experiment_id], f"tags.fm = '{fm}'")
+        # the FM's one run (its parent run, which groups the replicates, has tags.fm too)
+        (run,) = client.search_runs([exp.experiment_id], f"tags.`fm.run` = '{fm}-r0'")
         assert run.info.status == "FINISHED"
         for key in (
             "loss",
