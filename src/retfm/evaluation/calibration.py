@@ -310,10 +310,11 @@ def calibrate_null(
 def judged(rates: dict[str, Rate]) -> list[str]:
     """The decisions held to the target: the data-level family (any comparison decided; the
     aligned FM called better on any task) and each factor's two verdicts; rates with no
-    decided trial (one run per site: every data-level verdict is undetermined) are not judged. The family-wise "any factor flagged" rate is reported beside
-    them against its nominal alpha, not held to alpha + 0.02 by its upper bound: a family held
-    at exactly alpha has an upper bound above alpha + 0.02 at 500 studies (25/500: 7.3%), so
-    that bound would fail a perfectly calibrated procedure."""
+    decided trial (one run per site: every data-level verdict is undetermined) are not judged.
+    The family-wise "any factor flagged" rate is reported beside them against its nominal
+    alpha, not held to alpha + 0.02 by its upper bound: a family held at exactly alpha has an
+    upper bound above alpha + 0.02 at 500 studies (25/500: 7.3%), so that bound would fail a
+    perfectly calibrated procedure."""
     per_factor = [k for k in rates if k.startswith("factor ")]
     # the per-run comparison is reported, not judged: under a null where only the draws differ
     # its "one run better" is often true of the two runs (13% of run pairs at draw sd 0.02)
