@@ -50,7 +50,7 @@ class _FakeDvc:
 def test_each_layer_runs_in_lanes_and_a_failure_stops_before_the_next(tmp_path: Path) -> None:
     fake = _FakeDvc(fail="pretrain@m-r1")
     lines: list[str] = []
-    assert run_lanes(tmp_path, 2, echo=lines.append, runner=fake) == 1
+    assert run_lanes(tmp_path, 2, echo=lines.append, runner=fake, progress=False) == 1
     assert fake.peak == 2  # two stages of one layer at once
     ran = [c[-1] for c in fake.calls if "repro" in c]
     assert "register@m-r0" not in ran and "pretrain@m-r0" in ran  # stopped after the layer

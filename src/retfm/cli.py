@@ -452,7 +452,7 @@ def repro(
     registrations, adaptations) in `jobs` parallel lanes, then a plain `dvc repro`."""
     from retfm.lanes import run_lanes
 
-    status = run_lanes(root, jobs, echo=typer.echo)
+    status = run_lanes(root, jobs)
     if status:
         raise typer.Exit(status)
 

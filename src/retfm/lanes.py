@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 #: Stage kinds in pipeline order; the stages of one kind never depend on each other.
 LAYERS = (
     ("validate",),
@@ -59,8 +61,10 @@ def run_lanes(
     *,
     echo: Callable[[str], None] = print,
     runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    progress: bool = True,
 ) -> int:
-    """Reproduce the pipeline in ``root`` with ``jobs`` lanes; return the exit status."""
+    """Reproduce the pipeline in ``root`` with ``jobs`` lanes; return the exit status. A
+    progress bar per layer counts its finished stages (``progress``)."""
     listed = runner([_dvc(), "stage", "list", "--name-only"], cwd=root, capture_output=True,
                     text=True, check=True)  # fmt: skip
     names = [n.strip() for n in listed.stdout.splitlines() if n.strip()]
@@ -76,16 +80,24 @@ def run_lanes(
         kinds = sorted({n.split("@")[0] for n in layer})
         echo(f"{', '.join(kinds)}: {len(layer)} stage(s) in {min(jobs, len(layer))} lane(s)")
         failed = []
+        bar = tqdm(total=len(layer), desc="  stages", unit="stage", leave=False,
+                   disable=not progress)  # fmt: skip
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             futures = {pool.submit(one, stage): stage for stage in layer}
             for future in as_completed(futures):
+                bar.update(1)
                 stage, (r, took) = futures[future], future.result()
                 if r.returncode != 0:
                     failed.append((stage, r))
                     state = "FAILED"
                 else:
                     state = f"ran in {took:.0f} s" if "Running stage" in r.stdout else "up to date"
-                echo(f"  {stage}: {state} ({time.perf_counter() - start:.0f} s so far)")
+                line = f"  {stage}: {state} ({time.perf_counter() - start:.0f} s so far)"
+                if progress and echo is print:
+                    tqdm.write(line)  # above the bar
+                else:
+                    echo(line)
+        bar.close()
         if failed:
             for stage, r in failed:
                 echo(f"\nstage {stage} failed ({r.returncode}):\n{r.stdout[-3000:]}"
