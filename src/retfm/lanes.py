@@ -12,7 +12,7 @@ stage that is up to date is skipped by DVC as usual; a failing one stops the run
 lanes running finish, with its output on screen.
 
 The lanes share the cores: the demo's ``pretrain.num_threads`` is 1, so two pre-trainings
-run at once, one thread each (1.6x the images/s of one run on two threads on the demo's
+run at once, one thread each (1.16x the images/s of one run on two threads on the demo's
 micro-ViT, ``benchmarks/bench_demo_pretrain.py``). The lanes never change a setting: a stage
 run here and the same stage rerun alone by ``dvc repro -f`` compute the same bytes.
 """
