@@ -19,6 +19,7 @@ run here and the same stage rerun alone by ``dvc repro -f`` compute the same byt
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -39,9 +40,20 @@ LAYERS = (
 )
 
 
-def _dvc() -> str:
+def dvc_executable() -> str:
+    """The dvc beside this Python (the project's venv), else the one on PATH."""
     beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.is_file() else "dvc"
+    return str(beside) if beside.is_file() else (shutil.which("dvc") or "dvc")
+
+
+def stage_names(
+    root: Path = Path("."),
+    runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+) -> list[str]:
+    """Every stage of the project's pipeline (foreach/matrix expanded), in dvc.yaml order."""
+    proc = runner([dvc_executable(), "stage", "list", "--name-only"], cwd=root,
+                  capture_output=True, text=True, check=True)  # fmt: skip
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
 
 def stage_layers(names: Sequence[str]) -> list[list[str]]:
@@ -65,14 +77,12 @@ def run_lanes(
 ) -> int:
     """Reproduce the pipeline in ``root`` with ``jobs`` lanes; return the exit status. A
     progress bar per layer counts its finished stages (``progress``)."""
-    listed = runner([_dvc(), "stage", "list", "--name-only"], cwd=root, capture_output=True,
-                    text=True, check=True)  # fmt: skip
-    names = [n.strip() for n in listed.stdout.splitlines() if n.strip()]
+    names = stage_names(root, runner)
     start = time.perf_counter()
 
     def one(stage: str) -> tuple[subprocess.CompletedProcess, float]:
         began = time.perf_counter()
-        done = runner([_dvc(), "--wait-for-lock", "repro", "-s", stage], cwd=root,
+        done = runner([dvc_executable(), "--wait-for-lock", "repro", "-s", stage], cwd=root,
                       capture_output=True, text=True)  # fmt: skip
         return done, time.perf_counter() - began
 
@@ -103,4 +113,4 @@ def run_lanes(
                 echo(f"\nstage {stage} failed ({r.returncode}):\n{r.stdout[-3000:]}"
                      f"{r.stderr[-3000:]}")  # fmt: skip
             return 1
-    return subprocess.run([_dvc(), "repro"], cwd=root).returncode
+    return subprocess.run([dvc_executable(), "repro"], cwd=root).returncode

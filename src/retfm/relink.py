@@ -18,9 +18,7 @@ command. ``retfm relink`` records the study in the current store:
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from mlflow.entities import Metric
 
 from retfm import tracking
 from retfm.fms import study_replicates
+from retfm.lanes import dvc_executable, stage_names
 from retfm.settings import Settings
 
 #: Stages that log to the tracking store, in pipeline order; pre-training is relinked from its
@@ -97,21 +96,6 @@ def _log_history(path: Path) -> None:
         client.log_batch(run_id, metrics=rows[start : start + 1000])
 
 
-def _dvc() -> str:
-    """The dvc beside this Python (the project's venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.is_file() else (shutil.which("dvc") or "dvc")
-
-
-def stage_names(root: Path = Path(".")) -> list[str]:
-    """Every stage of the project's pipeline (foreach/matrix expanded), in dvc.yaml order."""
-    proc = subprocess.run(
-        [_dvc(), "stage", "list", "--name-only"],
-        cwd=root, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
-
-
 def tracked_stages(names: list[str]) -> list[str]:
     """The stages :func:`relink` reruns, in :data:`TRACKED_STAGES` order."""
     return [s for kind in TRACKED_STAGES for s in names if s.split("@")[0] == kind]
@@ -124,7 +108,7 @@ def relink(
     for name in relink_pretraining(settings, root):
         echo(f"pretrain@{name}: recorded from its outputs (not retrained)")
     stages = tracked_stages(stage_names(root))
-    dvc = _dvc()
+    dvc = dvc_executable()
     for stage in stages:
         echo(f"{stage}: rerunning against {tracking.tracking_uri(settings)}")
         proc = subprocess.run(

@@ -65,31 +65,23 @@ ADVANTAGES = (0.01, 0.02, 0.03, 0.05)
 POWER_REPLICATES = (1, 2, 3, 5)
 
 
-def replicate_power(
-    comparisons: pd.DataFrame, config: AnalysisConfig, draw_sd: float | None
-) -> list[dict[str, Any]]:
+def replicate_power(comparisons: pd.DataFrame, config: AnalysisConfig) -> list[dict[str, Any]]:
     """Per data-level comparison: the AUROC advantage detectable at ``config.power`` with
     K = 1, 2, 3, 5 replicates per site, and the replicates each of :data:`ADVANTAGES` needs,
     at this study's test set (its measured common test-set error and patients) and replicate
-    spread (the measured sd of the replicates' AUROCs; with one run per site, ``draw_sd`` as an
-    assumption, or nothing). Level: alpha / family size (Holm's strictest step)."""
+    spread (the measured sd of the replicates' AUROCs; none with one run per site). Level:
+    alpha / family size (Holm's strictest step)."""
     from retfm.evaluation.statistics import replicates_needed, replicates_power
 
     rows = []
-    family = max(int(np.isfinite(comparisons["p"]).sum()), len(comparisons), 1)
-    level = config.alpha / family
+    level = config.alpha / max(len(comparisons), 1)
     for r in comparisons.itertuples():
         sd_a, sd_b = (
             float(getattr(r, "sd_replicates_a", np.nan)),
             float(getattr(r, "sd_replicates_b", np.nan)),
         )
-        measured = np.isfinite(sd_a) and np.isfinite(sd_b)
-        if not measured:
-            if draw_sd is None:
-                continue
-            sd_a = sd_b = float(draw_sd)
         var_test = float(getattr(r, "var_test", np.nan))
-        if not np.isfinite(var_test):
+        if not (np.isfinite(sd_a) and np.isfinite(sd_b) and np.isfinite(var_test)):
             continue
         n_pat = int(r.n_patients)
         detect = replicates_power(sd_a, sd_b, var_test, n_pat, level, config.power,
@@ -99,7 +91,7 @@ def replicate_power(
                 "task": r.task,
                 "fm_a": r.fm_a,
                 "fm_b": r.fm_b,
-                "spread": "measured" if measured else f"assumed sd {draw_sd}",
+                "spread": "measured",
                 "sd_replicates": _num(np.sqrt((sd_a**2 + sd_b**2) / 2)),
                 "detectable": {str(k): _num(v) for k, v in detect.items()},
                 "replicates_needed": {
@@ -209,7 +201,7 @@ def build_summary(
         "tasks": tasks,
         "alignment": dict(analysis.headline),
         "run_alignment": dict(analysis.run_headline),
-        "power_by_replicates": replicate_power(comp, config, None) if len(comp) else [],
+        "power_by_replicates": replicate_power(comp, config) if len(comp) else [],
         "factors": factors,
         "methods": {
             "alpha": config.alpha,
